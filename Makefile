@@ -1,0 +1,33 @@
+# make setup | test | demo | bench  (see README.md)
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The stamp's name carries a hash of every pinned version: change a pin and setup reruns;
+# with everything in place a second `make setup` does nothing.
+PINS   := $(shell cat requirements.txt requirements-dev.txt requirements-fairseq.txt setup.py | sha1sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(PINS)
+
+.PHONY: setup test demo bench clean
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -r requirements-fairseq.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	$(PY) -c "import fairseq, timm, torch, d2v_plugin; print('torch', torch.__version__, 'timm', timm.__version__, 'fairseq', fairseq.__version__)"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) demo_work bench_work outputs

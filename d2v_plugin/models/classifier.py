@@ -1,0 +1,169 @@
+"""The fairseq model ``data2vec2_image_classifier``: Data2Vec2 encoder, pooling, LayerNorm, Linear -> raw logits."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+
+from d2v_plugin.models.checkpoints import CheckpointError, load_encoder_state, read_encoder_checkpoint
+from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+POOLING_MODES = ("mean", "cls")
+ARCH_FIELDS = ("embed_dim", "num_heads", "mlp_ratio", "patch_size", "norm_eps")
+
+
+@dataclass
+class Data2Vec2ClassifierConfig(FairseqDataclass):
+    pretrained_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "data2vec 2.0 checkpoint, distilled student (Lightning), bare state dict or converted "
+                          "encoder to start from; null = random init from the architecture fields"},
+    )
+    checkpoint_prefix: Optional[str] = field(
+        default=None, metadata={"help": "key prefix of the encoder inside the checkpoint; null = find it"}
+    )
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "allow full unpickling of pretrained_checkpoint (runs code from the file: trusted files only)"},
+    )
+    depth: Optional[int] = field(
+        default=None, metadata={"help": "keep the first N blocks (prenet blocks first); null = all blocks"}
+    )
+    num_classes: int = field(default=1000, metadata={"help": "number of classes of the linear head"})
+    pooling: str = field(
+        default="mean", metadata={"help": "token aggregation: mean (all tokens but CLS, as data2vec) or cls"}
+    )
+    freeze_encoder: bool = field(default=False, metadata={"help": "train the head only (linear probe)"})
+    layer_decay: float = field(
+        default=1.0,
+        metadata={"help": "layer-wise lr decay: block i of N gets lr * layer_decay^(N-i), as data2vec's "
+                          "fine-tuning; 1.0 = off. Needs the composite optimizer (see the recipes)"},
+    )
+    drop_path_rate: float = field(
+        default=0.0, metadata={"help": "stochastic depth, rising linearly to this rate at the last block"}
+    )
+    embed_dim: Optional[int] = field(default=None, metadata={"help": "width; null = checkpoint's (768 at random init)"})
+    num_heads: Optional[int] = field(default=None, metadata={"help": "attention heads; null = checkpoint's (12)"})
+    mlp_ratio: Optional[float] = field(default=None, metadata={"help": "MLP hidden / width; null = checkpoint's (4)"})
+    patch_size: Optional[int] = field(default=None, metadata={"help": "patch size; null = checkpoint's (16)"})
+    norm_eps: Optional[float] = field(default=None, metadata={"help": "LayerNorm eps; null = checkpoint's (1e-6)"})
+    image_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "input size; null = task.image_size, else the checkpoint's; positions are resampled"},
+    )
+
+
+def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncoder:
+    """Encoder from a checkpoint (architecture read from it) or random init from the config fields."""
+    explicit = {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k, None) is not None}
+    image_size = image_size or cfg.image_size
+    if cfg.pretrained_checkpoint:
+        enc_cfg, state = read_encoder_checkpoint(
+            cfg.pretrained_checkpoint, depth=cfg.depth, trust=cfg.trust_checkpoint, prefix=cfg.checkpoint_prefix
+        )
+        wrong = [f"model.{k}={v} but the checkpoint has {getattr(enc_cfg, k)}"
+                 for k, v in explicit.items() if v != getattr(enc_cfg, k)]
+        if wrong:
+            raise CheckpointError(
+                f"{cfg.pretrained_checkpoint}: architecture mismatch: {'; '.join(wrong)} (leave these null to use the checkpoint's)"
+            )
+        enc_cfg = replace(enc_cfg, image_size=image_size or enc_cfg.image_size, drop_path_rate=cfg.drop_path_rate)
+        encoder = Data2Vec2ImageEncoder(enc_cfg)
+        load_encoder_state(encoder, state, cfg.pretrained_checkpoint)
+        logger.info(f"loaded {enc_cfg.depth} encoder blocks from {cfg.pretrained_checkpoint}: {enc_cfg}")
+        return encoder
+    enc_cfg = EncoderConfig(
+        **explicit,
+        depth=cfg.depth or EncoderConfig.depth,
+        image_size=image_size or EncoderConfig.image_size,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    logger.info(f"randomly initialised encoder: {enc_cfg}")
+    return Data2Vec2ImageEncoder(enc_cfg)
+
+
+@register_model("data2vec2_image_classifier", dataclass=Data2Vec2ClassifierConfig)
+class Data2Vec2ImageClassifier(BaseFairseqModel):
+    def __init__(self, cfg: Data2Vec2ClassifierConfig, encoder: Data2Vec2ImageEncoder):
+        super().__init__()
+        if cfg.pooling not in POOLING_MODES:
+            raise ValueError(f"model.pooling={cfg.pooling!r} is not a pooling mode; use one of {', '.join(POOLING_MODES)}")
+        self.cfg = cfg
+        self.encoder = encoder
+        dim = encoder.cfg.embed_dim
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, cfg.num_classes)
+        self.init_head()
+        if cfg.freeze_encoder:
+            self.encoder.requires_grad_(False)
+        self.assign_param_groups()
+
+    def init_head(self) -> None:
+        """Table 1: LayerNorm weight 1, bias 0; Linear weight trunc_normal(std=0.02), bias 0."""
+        nn.init.ones_(self.fc_norm.weight)
+        nn.init.zeros_(self.fc_norm.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def build_model(cls, cfg: Data2Vec2ClassifierConfig, task=None):
+        task_size = getattr(getattr(task, "cfg", None), "image_size", None)
+        return cls(cfg, build_encoder(cfg, image_size=cfg.image_size or task_size))
+
+    def param_group_rules(self) -> dict[str, tuple[str, float]]:
+        """name -> (group, lr_scale) for every trainable parameter.
+
+        group: 'no_decay' for 1-D parameters (norms, biases) and the CLS token, 'default' otherwise.
+        lr_scale: block i of N gets layer_decay^(N - i); the head, patch embedding, CLS and the
+        embedding norm keep 1.0, as data2vec's ``mae_image_classification`` assigns them.
+        """
+        n = len(self.encoder.blocks)
+        rules = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            group = "no_decay" if p.ndim == 1 or name == "encoder.cls_token" else "default"
+            scale = 1.0
+            if name.startswith("encoder.blocks."):
+                scale = self.cfg.layer_decay ** (n - int(name.split(".")[2]))
+            rules[name] = (group, scale)
+        return rules
+
+    def assign_param_groups(self) -> None:
+        """Tag parameters so fairseq's ``composite`` optimizer (dynamic_groups) builds the groups.
+
+        ``param_group`` picks the recipe's optimizer group (``default`` or ``no_decay``);
+        ``optim_overrides`` carries the layer-decay lr scale. (fairseq's composite optimizer ignores
+        ``weight_decay_scale`` overrides, so weight decay is switched off through the group instead.)
+        """
+        summary = {}
+        params = dict(self.named_parameters())
+        for name, (group, scale) in self.param_group_rules().items():
+            p = params[name]
+            p.param_group = group
+            if scale != 1.0:
+                p.optim_overrides = {"optimizer": {"lr_scale": scale}}
+            elif hasattr(p, "optim_overrides"):
+                del p.optim_overrides
+            label = f"{group} lr_scale={scale:.4g}"
+            count, names = summary.get(label, (0, []))
+            summary[label] = (count + p.numel(), names + [name])
+        for label, (count, names) in summary.items():
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} tensors)" if len(names) > 4 else "")
+            logger.info(f"param group {label}: {count:,} params: {shown}")
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.extract_features(images)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 1:].mean(dim=1) if self.cfg.pooling == "mean" else tokens[:, 0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc_norm(self.pool(self.extract_features(images))))

@@ -1,0 +1,166 @@
+"""The data2vec 2.0 image encoder in plain PyTorch (no fairseq), state-dict compatible after key mapping.
+
+data2vec 2.0 (fairseq ``data2vec_multi``, modality IMAGE, ``layer_norm_first=False``) computes:
+patch embedding -> + fixed 2-D sin-cos positions -> prepend CLS (no position) -> the prenet's
+LayerNorm (in post-norm mode ``BlockEncoder`` applies its norm *before* its blocks) -> prenet
+blocks -> main blocks, every block post-norm, no final norm. Because the prenet norm sits in
+front of all blocks, the prenet/main split does not change the computation: here all blocks
+live in one list, prenet blocks first, and ``depth=N`` keeps the first N.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed
+
+
+@dataclass
+class EncoderConfig:
+    """Architecture of the encoder; the defaults are data2vec 2.0 base (ViT-B/16)."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    image_size: int = 224
+    in_chans: int = 3
+    norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sincos_2d_positions(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions, [1, grid_h * grid_w, embed_dim], row-major patch order.
+
+    The first half of the channels encodes the column, the second half the row; each half is
+    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (D/4)) (MAE's layout, which
+    data2vec 2.0 uses). Computed in float64, returned as float32.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float().unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # SDPA picks the flash / memory-efficient kernel on GPU; softmax scale is head_dim^-0.5.
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Post-norm transformer block: x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, drop_path: float):
+        super().__init__()
+        self.attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path(self.attn(x)))
+        return self.norm2(x + self.drop_path(self.mlp(x)))
+
+
+class Data2Vec2ImageEncoder(nn.Module):
+    """data2vec 2.0 image encoder; ``extract_features(images) -> [B, 1 + num_patches, D]``, CLS first."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        # Fixed, never trained: a buffer, saved with the weights so a checkpoint's own positions are used.
+        self.register_buffer("pos_embed", sincos_2d_positions(cfg.embed_dim, self.grid, self.grid))
+        self.norm_pre = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth else []
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, rate) for rate in rates
+        )
+        self.init_weights()
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def init_weights(self) -> None:
+        """Random init for training from scratch (BERT-style, as data2vec's ``init_bert_params``)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=1.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Positions saved for another grid (a checkpoint trained at another image size) are
+        # resampled bicubically to this grid, as MAE / timm do when fine-tuning at a new resolution.
+        key = prefix + "pos_embed"
+        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            saved = state_dict[key]
+            old = math.isqrt(saved.shape[1])
+            if old * old == saved.shape[1] and saved.shape[-1] == self.pos_embed.shape[-1]:
+                state_dict[key] = resample_abs_pos_embed(
+                    saved, new_size=[self.grid, self.grid], old_size=[old, old], num_prefix_tokens=0
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.norm_pre(x)
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    forward = extract_features
