@@ -187,7 +187,11 @@ def read_encoder_checkpoint(
 
     ``depth=N`` keeps the first N blocks (prenet blocks first), as a distilled student is initialised.
     """
-    obj = load_file(path, trust=trust)
+    return encoder_from_object(load_file(path, trust=trust), path, depth=depth, prefix=prefix)
+
+
+def encoder_from_object(obj: object, path: str, depth: int | None = None, prefix: str | None = None):
+    """``read_encoder_checkpoint`` on an already loaded checkpoint object."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
 
@@ -234,17 +238,22 @@ def read_encoder_checkpoint(
 
 def load_encoder_state(encoder: torch.nn.Module, state: dict, source: str) -> None:
     """Strict load that names every missing, unexpected and mis-shaped key at once."""
-    expected = encoder.state_dict()
+    strict_load(encoder, state, source, what="the encoder", resampled=("pos_embed",))
+
+
+def strict_load(module: torch.nn.Module, state: dict, source: str, what: str = "the model",
+                resampled: tuple = ("pos_embed", "encoder.pos_embed")) -> None:
+    """load_state_dict(strict=True), but every offending key is named in one error."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    grid_keys = {"pos_embed"}  # resampled to the encoder's grid on load
+    # positions saved for another grid are resampled on load; only their width must match
     mismatched = sorted(
         f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
         for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape and k not in grid_keys
+        if (state[k].shape[-1:] if k in resampled else state[k].shape)
+        != (expected[k].shape[-1:] if k in resampled else expected[k].shape)
     )
-    if "pos_embed" in state and state["pos_embed"].shape[-1] != expected["pos_embed"].shape[-1]:
-        mismatched.append(f"pos_embed (checkpoint {tuple(state['pos_embed'].shape)}, model {tuple(expected['pos_embed'].shape)})")
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -253,5 +262,53 @@ def load_encoder_state(encoder: torch.nn.Module, state: dict, source: str) -> No
     if mismatched:
         problems.append(f"shape mismatches: {', '.join(mismatched)}")
     if problems:
-        raise CheckpointError(f"{source}: cannot load the encoder: {'; '.join(problems)}")
-    encoder.load_state_dict(state, strict=True)
+        raise CheckpointError(f"{source}: cannot load {what}: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=True)
+
+
+def to_data2vec_names(state: dict, prenet_depth: int) -> dict:
+    """This plugin's encoder keys -> data2vec 2.0's (``modality_encoders.IMAGE.*`` + main ``blocks.*``)."""
+    top = {"cls_token": "modality_encoders.IMAGE.extra_tokens",
+           "pos_embed": "modality_encoders.IMAGE.fixed_positional_encoder.positions"}
+    out = {}
+    for key, value in state.items():
+        if key in top:
+            new = top[key]
+        elif key.startswith("patch_embed.proj."):
+            new = "modality_encoders.IMAGE.local_encoder.proj." + key.rsplit(".", 1)[1]
+        elif key.startswith("norm_pre."):
+            new = "modality_encoders.IMAGE.context_encoder.norm." + key.rsplit(".", 1)[1]
+        elif (m := re.match(r"^blocks\.(\d+)\.(.+)$", key)) is not None:
+            i = int(m.group(1))
+            new = (f"modality_encoders.IMAGE.context_encoder.blocks.{i}.{m.group(2)}" if i < prenet_depth
+                   else f"blocks.{i - prenet_depth}.{m.group(2)}")
+        else:
+            raise KeyError(f"not an encoder key: {key}")
+        out[new] = value
+    return out
+
+
+def save_data2vec_checkpoint(encoder, path: str, prenet_depth: int = 2) -> None:
+    """Write an encoder as a fairseq data2vec 2.0 checkpoint (``cfg`` + ``model``), the layout real
+    data2vec checkpoints have, so demos and tests run the real loading path."""
+    c = encoder.cfg
+    if not 0 <= prenet_depth <= c.depth:
+        raise ValueError(f"prenet_depth={prenet_depth} must be within 0..{c.depth}")
+    model_cfg = {
+        "_name": "data2vec_multi", "depth": c.depth - prenet_depth, "embed_dim": c.embed_dim,
+        "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio, "norm_eps": c.norm_eps, "layer_norm_first": False,
+        "supported_modality": "IMAGE",
+        "modalities": {"image": {
+            "type": "IMAGE", "prenet_depth": prenet_depth, "input_size": c.image_size, "patch_size": c.patch_size,
+            "in_chans": c.in_chans, "embed_dim": c.embed_dim, "num_extra_tokens": 1, "use_alibi_encoder": False,
+        }},
+    }
+    state = {
+        "args": None,
+        "cfg": {"model": model_cfg, "task": {"_name": "mae_image_pretraining"}},
+        "model": to_data2vec_names({k: v.detach().clone() for k, v in encoder.state_dict().items()}, prenet_depth),
+        "criterion": None, "optimizer_history": [], "task_state": {}, "extra_state": {}, "last_optimizer_state": None,
+    }
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """The fairseq model ``data2vec2_image_classifier``: Data2Vec2 encoder, pooling, LayerNorm, Linear -> raw logits."""
-from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
+from omegaconf import OmegaConf, open_dict
 
 from d2v_plugin.models.checkpoints import CheckpointError, load_encoder_state, read_encoder_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
@@ -101,6 +102,7 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, cfg.num_classes)
         self.init_head()
+        self.num_updates = 0
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
         self.assign_param_groups()
@@ -115,7 +117,13 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
     @classmethod
     def build_model(cls, cfg: Data2Vec2ClassifierConfig, task=None):
         task_size = getattr(getattr(task, "cfg", None), "image_size", None)
-        return cls(cfg, build_encoder(cfg, image_size=cfg.image_size or task_size))
+        encoder = build_encoder(cfg, image_size=cfg.image_size or task_size)
+        # Record the architecture actually built (much of it read from the checkpoint) in the config
+        # fairseq saves with every checkpoint, so a fine-tuned file rebuilds without the pretrained one.
+        with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
+            for key in (*ARCH_FIELDS, "depth", "image_size"):
+                setattr(cfg, key, getattr(encoder.cfg, key))
+        return cls(cfg, encoder)
 
     def param_group_rules(self) -> dict[str, tuple[str, float]]:
         """name -> (group, lr_scale) for every trainable parameter.
@@ -158,6 +166,10 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         for label, (count, names) in summary.items():
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} tensors)" if len(names) > 4 else "")
             logger.info(f"param group {label}: {count:,} params: {shown}")
+
+    def set_num_updates(self, num_updates: int) -> None:
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates  # the criterion seeds mixup with it
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.extract_features(images)

@@ -1,0 +1,58 @@
+"""Evaluate a fine-tuned checkpoint on an image-folder split; prints {"top1", "top5", "n"} as one JSON line.
+
+    python -m d2v_plugin.cli.evaluate CHECKPOINT --data ROOT [--split val] [--batch-size N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from tqdm import tqdm
+
+from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.data import ImageFolderDataset, index_split
+from d2v_plugin.inference import load_classifier
+
+
+def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
+    classes = model.classes or None
+    index = index_split(data, split, classes=classes, cache_dir=cache_dir)
+    if classes is None and len(index.classes) != model.cfg.num_classes:
+        raise ValueError(f"{data}/{split} has {len(index.classes)} classes but the model has {model.cfg.num_classes}")
+    dataset = ImageFolderDataset(index, model.preprocess, on_bad_image="skip", shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=dataset.collater)
+    top1 = top5 = n = 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=f"evaluate {split}", file=sys.stderr, unit="batch"):
+            if not batch:
+                continue
+            logits = model(batch["net_input"]["images"])
+            hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == batch["target"].unsqueeze(-1)
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=-1).sum())
+            n += len(batch["target"])
+    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "n": n}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (e.g. checkpoint_best.pt)")
+    parser.add_argument("--data", required=True, help="root holding <split>/<class>/<image>")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--cache-dir", default=None, help="folder-index cache (default ~/.cache/d2v_plugin/index)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    args = parser.parse_args(argv)
+    with fail_cleanly():
+        model = load_classifier(args.checkpoint, trust=args.trust_checkpoint)
+        result = evaluate(model, args.data, args.split, args.batch_size, args.workers, args.cache_dir)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The fairseq task ``image_folder_classification``: ImageFolder-style splits, transforms, metrics."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import MISSING
+
+from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageFolderClassificationConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "root holding <split>/<class>/<image> folders"})
+    image_size: int = field(default=224, metadata={"help": "side of the square crop fed to the model"})
+    train_crop_scale: List[float] = field(
+        default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range for training"}
+    )
+    eval_crop_ratio: float = field(
+        default=0.875, metadata={"help": "eval: resize the shorter side to image_size / ratio, centre-crop image_size"}
+    )
+    auto_augment: Optional[str] = field(
+        default=None, metadata={"help": "timm RandAugment policy for training (data2vec's fine-tuning: "
+                                        "rand-m9-mstd0.5-inc1); null = the pretraining augmentation only"}
+    )
+    random_erasing: float = field(default=0.0, metadata={"help": "timm random-erasing probability for training"})
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "where the folder index is cached; null = ~/.cache/d2v_plugin/index"}
+    )
+    on_bad_image: str = field(
+        default="skip", metadata={"help": "skip: drop unreadable images and log them; error: stop naming the file"}
+    )
+    train_split: str = field(default="train", metadata={"help": "folder whose classes define the label ids"})
+
+
+@register_task("image_folder_classification", dataclass=ImageFolderClassificationConfig)
+class ImageFolderClassificationTask(FairseqTask):
+    cfg: ImageFolderClassificationConfig
+
+    def __init__(self, cfg: ImageFolderClassificationConfig, classes: list[str]):
+        super().__init__(cfg)
+        self.classes = classes
+
+    @classmethod
+    def setup_task(cls, cfg: ImageFolderClassificationConfig, **kwargs):
+        if cfg.data in (None, "", MISSING) or str(cfg.data) == "???":
+            raise DataError("task.data is not set: pass task.data=<root holding train/ and val/ folders>")
+        if not os.path.isdir(cfg.data):
+            raise DataError(f"task.data={cfg.data} does not exist or is not a folder")
+        if cfg.on_bad_image not in ("skip", "error"):
+            raise DataError(f"task.on_bad_image={cfg.on_bad_image!r}: use skip or error")
+        train = index_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir)
+        logger.info(f"{len(train.classes)} classes in {train.split_dir}")
+        task = cls(cfg, train.classes)
+        task._indexes = {cfg.train_split: train}
+        return task
+
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
+        index = self._indexes.pop(split, None) or index_split(
+            self.cfg.data, split, classes=self.classes, cache_dir=self.cfg.cache_dir
+        )
+        is_train = split == self.cfg.train_split
+        if is_train:
+            transform = train_transform(self.cfg.image_size, self.cfg.train_crop_scale, self.cfg.auto_augment,
+                                        self.cfg.random_erasing)
+        else:
+            transform = eval_transform(self.cfg.image_size, self.cfg.eval_crop_ratio)
+        self.datasets[split] = ImageFolderDataset(index, transform, self.cfg.on_bad_image, shuffle=is_train)
+        logger.info(f"{split}: {len(index)} images in {index.split_dir}")
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        expected = getattr(cfg, "num_classes", None)
+        if expected is not None and expected != len(self.classes):
+            raise DataError(
+                f"model.num_classes={expected} but {os.path.join(self.cfg.data, self.cfg.train_split)} has "
+                f"{len(self.classes)} class folders: set model.num_classes={len(self.classes)}"
+            )
+        return super().build_model(cfg, from_checkpoint)
+
+    def state_dict(self):
+        # saved in every checkpoint as task_state: export and predict name classes from it
+        return {"classes": list(self.classes)}
+
+    def load_state_dict(self, state_dict):
+        saved = (state_dict or {}).get("classes")
+        if saved is not None and list(saved) != list(self.classes):
+            raise DataError(f"the checkpoint was trained on other classes than the folders in {self.cfg.data}")
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None
+
+    def max_positions(self):
+        return None
