@@ -68,14 +68,19 @@ def load_file(path: str, trust: bool = False) -> object:
         try:
             needed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or str(err)
         except Exception:  # not a zip checkpoint: report what the unpickler said
-            needed = str(err).splitlines()[0]
+            needed = _first_line(err)
         raise CheckpointError(
             f"{path}: refusing to unpickle objects the file asks for ({needed}); loading them can run "
             f"code from the file. If you trust it, set model.trust_checkpoint=true (--trust-checkpoint "
             f"on the command line tools)."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # truncated, text, broken zip: the unpickler fails in many ways
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _find_prefix(weights: dict, path: str, prefix: str | None) -> tuple[str, str]:

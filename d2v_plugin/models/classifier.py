@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 POOLING_MODES = ("mean", "cls")
 ARCH_FIELDS = ("embed_dim", "num_heads", "mlp_ratio", "patch_size", "norm_eps")
+RESOLVED_FIELDS = (*ARCH_FIELDS, "depth", "image_size")  # written back into the config after building
 
 
 @dataclass
@@ -90,6 +91,14 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
     return Data2Vec2ImageEncoder(enc_cfg)
 
 
+def record_architecture(cfg, enc_cfg: EncoderConfig) -> None:
+    """Write the architecture actually built (much of it read from the checkpoint) into a model config,
+    so the config fairseq saves with every checkpoint rebuilds the model without the pretrained file."""
+    with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
+        for key in RESOLVED_FIELDS:
+            setattr(cfg, key, getattr(enc_cfg, key))
+
+
 @register_model("data2vec2_image_classifier", dataclass=Data2Vec2ClassifierConfig)
 class Data2Vec2ImageClassifier(BaseFairseqModel):
     def __init__(self, cfg: Data2Vec2ClassifierConfig, encoder: Data2Vec2ImageEncoder):
@@ -118,11 +127,7 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
     def build_model(cls, cfg: Data2Vec2ClassifierConfig, task=None):
         task_size = getattr(getattr(task, "cfg", None), "image_size", None)
         encoder = build_encoder(cfg, image_size=cfg.image_size or task_size)
-        # Record the architecture actually built (much of it read from the checkpoint) in the config
-        # fairseq saves with every checkpoint, so a fine-tuned file rebuilds without the pretrained one.
-        with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
-            for key in (*ARCH_FIELDS, "depth", "image_size"):
-                setattr(cfg, key, getattr(encoder.cfg, key))
+        record_architecture(cfg, encoder.cfg)
         return cls(cfg, encoder)
 
     def param_group_rules(self) -> dict[str, tuple[str, float]]:

@@ -10,6 +10,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import MISSING
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
+from d2v_plugin.models.classifier import record_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,10 @@ class ImageFolderClassificationTask(FairseqTask):
                 f"model.num_classes={expected} but {os.path.join(self.cfg.data, self.cfg.train_split)} has "
                 f"{len(self.classes)} class folders: set model.num_classes={len(self.classes)}"
             )
-        return super().build_model(cfg, from_checkpoint)
+        model = super().build_model(cfg, from_checkpoint)
+        # fairseq built the model from a merged copy of cfg; the trainer saves this one
+        record_architecture(cfg, model.encoder.cfg)
+        return model
 
     def state_dict(self):
         # saved in every checkpoint as task_state: export and predict name classes from it
