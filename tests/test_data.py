@@ -1,0 +1,139 @@
+"""Folder index and its cache, decoding of odd formats, transforms, and the dataset's bad-image policy."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, load_rgb, train_transform
+from d2v_plugin.data import index as index_module
+
+
+def test_classes_sorted_by_folder_name_give_label_ids(image_root, cache_dir):
+    train = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert train.classes == ["class_0", "class_1", "class_2"]
+    assert len(train) == 24
+    for rel, label in zip(train.files, train.labels):
+        assert rel.split(os.sep)[0] == train.classes[label]
+
+
+def test_other_splits_use_the_train_mapping(image_root, cache_dir):
+    # val lacks class_0: its labels must still be train's ids, not re-numbered from 0
+    import shutil
+    shutil.rmtree(image_root / "val" / "class_0")
+    train = index_split(str(image_root), "train", cache_dir=cache_dir)
+    val = index_split(str(image_root), "val", classes=train.classes, cache_dir=cache_dir)
+    assert set(val.labels) == {1, 2}
+
+
+def test_val_class_absent_from_train_is_named(image_root, cache_dir):
+    (image_root / "val" / "zebra").mkdir()
+    Image.new("RGB", (8, 8)).save(image_root / "val" / "zebra" / "z.png")
+    train = index_split(str(image_root), "train", cache_dir=cache_dir)
+    with pytest.raises(DataError, match=r"class folders not in the train split: zebra"):
+        index_split(str(image_root), "val", classes=train.classes, cache_dir=cache_dir)
+
+
+def test_missing_and_empty_splits_are_errors(image_root, cache_dir):
+    with pytest.raises(DataError, match=r"split folder not found: .*test"):
+        index_split(str(image_root), "test", cache_dir=cache_dir)
+    (image_root / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty: no image files found"):
+        index_split(str(image_root), "empty", cache_dir=cache_dir)
+    (image_root / "nofolders").mkdir()
+    with pytest.raises(DataError, match=r"no class folders in .*nofolders"):
+        index_split(str(image_root), "nofolders", cache_dir=cache_dir)
+
+
+def test_index_is_cached_and_rescanned_when_files_change(image_root, cache_dir, monkeypatch):
+    first = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert len(os.listdir(cache_dir)) == 1
+    real_scan = index_module._scan
+    calls = []
+    monkeypatch.setattr(index_module, "_scan", lambda *a: calls.append(1) or real_scan(*a))
+    again = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert calls == [] and again.files == first.files
+    Image.new("RGB", (8, 8)).save(image_root / "train" / "class_1" / "new.png")
+    changed = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert calls == [1] and len(changed) == len(first) + 1
+
+
+def test_files_without_image_extension_are_left_out_and_reported(image_root, cache_dir):
+    (image_root / "train" / "class_0" / "notes.txt").write_text("not an image")
+    train = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert os.path.join("class_0", "notes.txt") in train.ignored
+    assert all(not f.endswith(".txt") for f in train.files)
+
+
+@pytest.mark.parametrize("mode,fmt,name", [
+    ("L", "PNG", "grey.png"), ("RGBA", "PNG", "rgba.png"), ("P", "PNG", "palette.png"),
+    ("CMYK", "JPEG", "cmyk.jpg"), ("RGB", "PNG", "png_named.JPEG"),
+])
+def test_odd_formats_decode_to_rgb(tmp_path, mode, fmt, name):
+    img = Image.new(mode, (10, 7), color=(100, 50, 20, 255)[: len(mode)] if mode not in ("L", "P") else 80)
+    img.save(tmp_path / name, format=fmt)
+    out = load_rgb(str(tmp_path / name))
+    assert out.mode == "RGB" and out.size == (10, 7)
+
+
+def test_eval_transform_resizes_shorter_side_then_centre_crops(tmp_path):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    out = eval_transform(64, 0.875)(img)
+    # independent: PIL bicubic resize of the shorter side to int(64 / 0.875) = 73, then the centre 64x64
+    resized = img.resize((109, 73), Image.BICUBIC)
+    left, top = round((109 - 64) / 2.0), round((73 - 64) / 2.0)
+    crop = np.asarray(resized.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = torch.from_numpy(((crop - mean) / std).transpose(2, 0, 1)).float()
+    assert out.shape == (3, 64, 64)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_train_transform_output_is_normalised_crop():
+    img = Image.new("RGB", (120, 90), color=(124, 116, 104))  # ~ the ImageNet mean colour
+    out = train_transform(32)(img)
+    assert out.shape == (3, 32, 32)
+    assert out.abs().max() < 0.02
+
+
+def write_bad_files(folder):
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "good.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    good = (folder / "good.png").read_bytes()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "full.jpg", quality=90)
+    (folder / "corrupt.jpg").write_bytes((folder / "full.jpg").read_bytes()[:200])
+    (folder / "png_as.JPEG").write_bytes(good)
+
+
+def test_dataset_skips_unreadable_images_and_counts_them(tmp_path, cache_dir):
+    folder = tmp_path / "d" / "train" / "a"
+    folder.mkdir(parents=True)
+    write_bad_files(folder)
+    index = index_split(str(tmp_path / "d"), "train", cache_dir=cache_dir)
+    ds = ImageFolderDataset(index, eval_transform(16, 1.0), on_bad_image="skip", shuffle=False)
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    assert batch["bad_images"] == 2 and batch["net_input"]["images"].shape == (3, 3, 16, 16)
+    assert ds.bad_seen == 2
+
+
+def test_dataset_stops_naming_the_file_when_asked(tmp_path, cache_dir):
+    folder = tmp_path / "d" / "train" / "a"
+    folder.mkdir(parents=True)
+    write_bad_files(folder)
+    index = index_split(str(tmp_path / "d"), "train", cache_dir=cache_dir)
+    ds = ImageFolderDataset(index, eval_transform(16, 1.0), on_bad_image="error", shuffle=False)
+    bad = index.files.index(os.path.join("a", "corrupt.jpg"))
+    with pytest.raises(DataError, match=r"unreadable image .*corrupt.jpg"):
+        ds[bad]
+
+
+def test_a_batch_of_only_bad_images_collates_to_an_empty_sample(tmp_path, cache_dir):
+    folder = tmp_path / "d" / "train" / "a"
+    folder.mkdir(parents=True)
+    write_bad_files(folder)
+    index = index_split(str(tmp_path / "d"), "train", cache_dir=cache_dir)
+    ds = ImageFolderDataset(index, eval_transform(16, 1.0), shuffle=False)
+    bad = [index.files.index(os.path.join("a", n)) for n in ("corrupt.jpg", "empty.jpg")]
+    assert ds.collater([ds[i] for i in bad]) == {}

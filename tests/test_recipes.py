@@ -1,0 +1,79 @@
+"""Each recipe resolves through fairseq's hydra set-up (as fairseq-hydra-train does) to the documented values."""
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+
+CONFIG_DIR = os.path.join(REPO, "config")
+
+
+def resolve(name):
+    """What fairseq-hydra-train builds before training: hydra_init + the recipe + add_defaults + resolve."""
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+    from fairseq.dataclass.utils import omegaconf_no_object_check
+
+    hydra_init(name)
+    # no version_base, as fairseq's hydra.main: hydra 1.1 semantics, the recipe merged onto FairseqConfig
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose(name, overrides=["common.user_dir=d2v_plugin", "task.data=/data/imagenet",
+                                       "model.pretrained_checkpoint=/ckpt/model.pt"])
+    add_defaults(cfg)
+    with omegaconf_no_object_check():
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def groups(cfg):
+    return cfg.optimizer.groups.default, cfg.optimizer.groups.no_decay
+
+
+def test_distilled_imagenet_has_every_table_1_value():
+    cfg = resolve("distilled_imagenet")
+    assert cfg.task._name == "image_folder_classification" and cfg.model._name == "data2vec2_image_classifier"
+    assert cfg.model.pooling == "mean" and cfg.model.freeze_encoder is False and cfg.model.num_classes == 1000
+    assert cfg.model.drop_path_rate == 0.0 and cfg.model.layer_decay == 1.0
+    assert cfg.optimization.max_epoch == 15 and cfg.optimization.max_update == 75060
+    assert list(cfg.optimization.lr) == [0.001] and cfg.optimization.clip_norm == 2.0
+    assert cfg.optimizer._name == "composite" and cfg.lr_scheduler._name == "pass_through"
+    for group, wd in zip(groups(cfg), (0.01, 0.0)):
+        assert group.lr_float == 0.001
+        assert group.optimizer._name == "adam" and list(group.optimizer.adam_betas) == [0.9, 0.95]
+        assert group.optimizer.adam_eps == 1e-6 and group.optimizer.weight_decay == wd
+        assert group.lr_scheduler._name == "cosine" and group.lr_scheduler.warmup_updates == 5000
+    # global batch 256 on the 8 GPUs the comment gives: 32 x 8 x 1
+    assert cfg.dataset.batch_size * 8 * cfg.optimization.update_freq[0] == 256
+    assert cfg.dataset.required_batch_size_multiple == 2
+    assert cfg.criterion._name == "mixup_cross_entropy"
+    c = cfg.criterion
+    assert (c.mixup_alpha, c.cutmix_alpha, c.cutmix_minmax, c.mixup_prob, c.switch_prob, c.mixup_mode,
+            c.label_smoothing) == (0.7, 1.0, None, 0.9, 0.5, "batch", 0.1)
+    assert cfg.common.fp16 is True and cfg.common.log_format == "json" and cfg.common.tensorboard_logdir == "tb"
+    assert cfg.dataset.validate_interval == 1 and cfg.checkpoint.best_checkpoint_metric == "accuracy"
+    assert cfg.checkpoint.maximize_best_checkpoint_metric is True
+    assert list(cfg.task.train_crop_scale) == [0.08, 1.0] and cfg.task.eval_crop_ratio == 0.875
+    assert cfg.task.image_size == 224 and cfg.task.auto_augment is None
+
+
+def test_d2v2_base_imagenet_has_data2vecs_base_values():
+    cfg = resolve("d2v2_base_imagenet")
+    assert cfg.model.layer_decay == 0.65 and cfg.model.drop_path_rate == 0.1 and cfg.model.depth is None
+    assert cfg.optimization.max_update == 250200 and list(cfg.optimization.lr) == [0.001]
+    for group, wd in zip(groups(cfg), (0.05, 0.0)):
+        assert group.lr_float == 0.001 and list(group.optimizer.adam_betas) == [0.9, 0.95]
+        assert group.optimizer.weight_decay == wd and "adam_eps" not in group.optimizer  # fairseq's 1e-8
+        assert group.lr_scheduler.warmup_updates == 16000 and group.lr_scheduler.min_lr == 1e-6
+    c = cfg.criterion
+    assert (c.mixup_alpha, c.cutmix_alpha, c.mixup_prob, c.switch_prob, c.label_smoothing) == (0.7, 1.0, 0.9, 0.5, 0.1)
+    assert cfg.task.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.task.random_erasing == 0.25
+    assert cfg.dataset.batch_size * 8 * cfg.optimization.update_freq[0] == 512  # data2vec's 16 x 32
+    assert cfg.common.fp16 is True and cfg.checkpoint.best_checkpoint_metric == "accuracy"
+
+
+@pytest.mark.parametrize("name", ["distilled_imagenet", "d2v2_base_imagenet", "demo"])
+def test_recipes_keep_relative_paths_working(name):
+    cfg = resolve(name)
+    assert cfg.common.user_dir == "d2v_plugin"
+    with open(os.path.join(CONFIG_DIR, f"{name}.yaml")) as f:
+        assert "chdir: false" in f.read()
