@@ -1,47 +1,70 @@
-"""Use a fine-tuned model outside fairseq: ``load_classifier(path)`` -> eval-mode module, images -> logits."""
-from __future__ import annotations
+"""Use a fine-tuned model outside fairseq: ``load_classifier(path)`` -> eval-mode module, images -> logits.
 
+``path`` is a checkpoint the trainer wrote or a folder written by ``python -m d2v_plugin.cli.export``
+(``model.safetensors`` + ``config.json``).
+"""
+import json
 import os
 from dataclasses import fields
 
-import torch
-
-from d2v_plugin.data.transforms import eval_transform
+from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from d2v_plugin.models.checkpoints import CheckpointError, encoder_from_object, load_file, strict_load
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
-from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
+from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 MODEL_NAME = "data2vec2_image_classifier"
+EXPORT_FORMAT = "d2v_plugin_classifier"
 
 
-def classifier_config(model_cfg: dict) -> Data2Vec2ClassifierConfig:
+def _build(model_cfg: dict, enc_cfg: EncoderConfig, state: dict, source: str, classes, crop_ratio,
+           mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Data2Vec2ImageClassifier:
     known = {f.name for f in fields(Data2Vec2ClassifierConfig)}
     cfg = Data2Vec2ClassifierConfig(**{k: v for k, v in model_cfg.items() if k in known})
     cfg.pretrained_checkpoint = None  # the weights come from the fine-tuned file itself
-    return cfg
+    model = Data2Vec2ImageClassifier(cfg, Data2Vec2ImageEncoder(enc_cfg))
+    strict_load(model, state, source)
+    model.eval()
+    model.classes = list(classes or [])
+    model.image_size, model.crop_ratio, model.mean, model.std = enc_cfg.image_size, crop_ratio, tuple(mean), tuple(std)
+    model.preprocess = eval_transform(enc_cfg.image_size, crop_ratio, mean, std)
+    return model
+
+
+def _load_export(folder: str) -> Data2Vec2ImageClassifier:
+    from safetensors.torch import load_file as load_safetensors
+
+    config_path, weights_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{folder} is not an exported model: {os.path.basename(p)} is missing")
+    with open(config_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{config_path} is not a d2v_plugin export (format={meta.get('format')!r})")
+    enc_cfg = EncoderConfig(**meta["architecture"])
+    model_cfg = {"num_classes": meta["num_classes"], "pooling": meta["pooling"]}
+    return _build(model_cfg, enc_cfg, load_safetensors(weights_path), weights_path, meta.get("classes"),
+                  meta["eval_crop_ratio"], meta["mean"], meta["std"])
 
 
 def load_classifier(path: str, trust: bool = False) -> Data2Vec2ImageClassifier:
-    """Load a checkpoint the trainer wrote; returns an eval-mode model mapping normalised images to logits.
+    """An eval-mode model mapping normalised images to logits.
 
-    The returned module carries ``classes`` (class names in label order, when the checkpoint has them)
-    and ``preprocess`` (the eval transform: PIL image -> normalised tensor).
+    It carries ``classes`` (class names in label order, when known) and ``preprocess`` (the eval
+    transform: PIL image -> normalised tensor), plus ``image_size``, ``crop_ratio``, ``mean``, ``std``.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return _load_export(path)
     obj = load_file(path, trust=trust)
     cfg = obj.get("cfg") if isinstance(obj, dict) else None
     model_cfg = (cfg or {}).get("model") if isinstance(cfg, dict) else None
     if not isinstance(model_cfg, dict) or model_cfg.get("_name") != MODEL_NAME:
-        raise CheckpointError(f"{path} is not a {MODEL_NAME} checkpoint written by fairseq-hydra-train (no classifier head)")
+        raise CheckpointError(
+            f"{path} is not a fine-tuned {MODEL_NAME} checkpoint (no classifier head): give a checkpoint written "
+            f"by fairseq-hydra-train or a folder written by d2v_plugin.cli.export")
     enc_cfg, _ = encoder_from_object(obj, path, prefix="encoder.")
     task_cfg = cfg.get("task") or {}
-    image_size = model_cfg.get("image_size") or task_cfg.get("image_size") or enc_cfg.image_size
-    enc_cfg.image_size = image_size
-    model = Data2Vec2ImageClassifier(classifier_config(model_cfg), Data2Vec2ImageEncoder(enc_cfg))
-    strict_load(model, obj["model"], path)
-    model.eval()
-    model.classes = list((obj.get("task_state") or {}).get("classes") or [])
-    model.preprocess = eval_transform(image_size, task_cfg.get("eval_crop_ratio", 0.875))
-    return model
-
-
+    enc_cfg.image_size = model_cfg.get("image_size") or task_cfg.get("image_size") or enc_cfg.image_size
+    classes = (obj.get("task_state") or {}).get("classes")
+    return _build(model_cfg, enc_cfg, obj["model"], path, classes, task_cfg.get("eval_crop_ratio", 0.875))

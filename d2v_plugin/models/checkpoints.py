@@ -314,6 +314,16 @@ def save_data2vec_checkpoint(encoder, path: str, prenet_depth: int = 2) -> None:
         "model": to_data2vec_names({k: v.detach().clone() for k, v in encoder.state_dict().items()}, prenet_depth),
         "criterion": None, "optimizer_history": [], "task_state": {}, "extra_state": {}, "last_optimizer_state": None,
     }
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(state, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write then rename: a killed process never leaves a half-written file under the final name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

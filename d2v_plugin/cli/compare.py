@@ -1,0 +1,200 @@
+"""Compare fine-tuning runs side by side from fairseq's logs: PNG plots and a markdown report.
+
+    python -m d2v_plugin.cli.compare RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--labels A B ...]
+
+RUN_DIR is a run's checkpoint.save_dir (the recipes keep hydra's log, hydra/hydra_train.log, there) or
+any folder holding fairseq log files (*.log), in fairseq's json or simple format. Writes
+val_top1.png (validation top-1 per epoch), train_loss.png and lr.png (per update), and report.md.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+from d2v_plugin.cli.common import fail_cleanly
+
+LINE = re.compile(r"\]\[(?P<tag>[^\]]+)\]\[INFO\] - (?P<body>.*)$")
+PARAMS = re.compile(r"num\. shared model params: ([\d,]+) \(num\. trained: ([\d,]+)\)")
+SIMPLE_INNER = re.compile(r"^epoch (\d+):\s+(\d+) / (\d+) (.*)$")
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _parse_body(tag: str, body: str):
+    """One fairseq progress record as a flat dict of numbers, or None if the line is not one."""
+    if body.startswith("{"):
+        try:
+            record = json.loads(body)
+        except ValueError:
+            return None
+    elif (m := SIMPLE_INNER.match(body)) is not None:  # simple train_inner: k=v, k=v
+        record = {"epoch": m.group(1)}
+        for part in m.group(4).split(", "):
+            if "=" in part:
+                key, value = part.split("=", 1)
+                record[key.strip()] = value
+    elif body.startswith("epoch ") and " | " in body:  # simple epoch summary: k v | k v
+        parts = body.split(" | ")
+        record = {"epoch": parts[0].split()[1]}
+        for part in parts[1:]:
+            bits = part.rsplit(" ", 1)
+            if len(bits) == 2 and not part.startswith("valid on"):
+                record[bits[0]] = bits[1]
+    else:
+        return None
+    prefix = f"{tag}_"
+    return {(k[len(prefix):] if k.startswith(prefix) else k): _number(v) for k, v in record.items()}
+
+
+def read_run(run_dir: str) -> dict:
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    logs = sorted(glob.glob(os.path.join(run_dir, "**", "*.log"), recursive=True))
+    inner, epochs, valid, params = {}, {}, {}, None
+    for path in logs:
+        with open(path, errors="replace") as f:
+            for line in f:
+                if (m := PARAMS.search(line)) is not None:
+                    params = int(m.group(2).replace(",", ""))
+                    continue
+                if (m := LINE.search(line.rstrip("\n"))) is None:
+                    continue
+                tag = m.group("tag")
+                record = _parse_body(tag, m.group("body"))
+                if record is None or "epoch" not in record:
+                    continue
+                # a resumed run logs some updates again: the later record wins
+                if tag == "train_inner" and "num_updates" in record:
+                    inner[record["num_updates"]] = record
+                elif tag == "train":
+                    epochs[record["epoch"]] = record
+                elif "accuracy" in record:  # validation: end of epoch, or mid-epoch at a save
+                    valid[record.get("num_updates", record["epoch"])] = record
+    if not (inner or epochs or valid):
+        raise ValueError(f"{run_dir}: no fairseq training log found (looked for progress records in "
+                         f"{len(logs)} *.log file(s) under it)")
+    return {"dir": run_dir, "params": params, "inner": [inner[k] for k in sorted(inner)],
+            "epochs": [epochs[k] for k in sorted(epochs)], "valid": [valid[k] for k in sorted(valid)]}
+
+
+def summarise(run: dict) -> dict:
+    valid, epochs, inner = run["valid"], run["epochs"], run["inner"]
+    best1 = max(valid, key=lambda r: r["accuracy"]) if valid else None
+    best5 = max((r for r in valid if "top5" in r), key=lambda r: r["top5"], default=None)
+    updates = max([r.get("num_updates", 0) for r in epochs + inner + valid] or [0])
+    wall = max([r.get("wall", 0) for r in epochs + inner] or [0])
+    speeds = [r["wps"] for r in epochs if isinstance(r.get("wps"), float)]
+    return {
+        "params": run["params"],
+        "top1": best1["accuracy"] if best1 else None, "top1_epoch": int(best1["epoch"]) if best1 else None,
+        "top5": best5["top5"] if best5 else None, "top5_epoch": int(best5["epoch"]) if best5 else None,
+        "updates": int(updates), "wall_s": wall, "images_per_s": sum(speeds) / len(speeds) if speeds else None,
+    }
+
+
+def _lr(record):
+    if "lr" in record:
+        return record["lr"]
+    group = next((k for k in record if k.startswith("lr_")), None)  # composite optimizer: lr_<group>
+    return record.get("lr_default", record.get(group)) if group else None
+
+
+def _epoch_axis(run):
+    """Validation points at fractional epochs: mid-epoch validations (fairseq validates when it saves
+    every N updates) fall between the epoch ends."""
+    ends = {int(r["epoch"]): r["num_updates"] for r in run["epochs"] if "num_updates" in r}
+    points = []
+    for v in run["valid"]:
+        epoch, upd = int(v["epoch"]), v.get("num_updates")
+        start, end = ends.get(epoch - 1, 0 if epoch == 1 else None), ends.get(epoch)
+        if upd is not None and start is not None and end and end > start:
+            points.append((epoch - 1 + (upd - start) / (end - start), v["accuracy"]))
+        else:
+            points.append((epoch, v["accuracy"]))
+    return points
+
+
+def plot(runs, labels, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {
+        "val_top1.png": ("validation top-1 (%)", "epoch", _epoch_axis),
+        "train_loss.png": ("training loss (nats)", "update",
+                           lambda r: [(v["num_updates"], v["loss"]) for v in r["inner"] if "loss" in v]),
+        "lr.png": ("learning rate", "update",
+                   lambda r: [(v["num_updates"], _lr(v)) for v in r["inner"] if _lr(v) is not None]),
+    }
+    written = []
+    for name, (ylabel, xlabel, points) in figures.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        for run, label in zip(runs, labels):
+            pts = points(run)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if name == "val_top1.png" else None, markersize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def write_report(summaries, labels, out_dir):
+    lines = ["# Fine-tuning runs compared", "",
+             "| run | trained params | best top-1 (%) | epoch | best top-5 (%) | epoch | updates | wall-clock (s) | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, s in zip(labels, summaries):
+        lines.append(f"| {label} | {_fmt(s['params'], ',')} | {_fmt(s['top1'], '.3f')} | {_fmt(s['top1_epoch'], 'd')} | "
+                     f"{_fmt(s['top5'], '.3f')} | {_fmt(s['top5_epoch'], 'd')} | {s['updates']:,} | "
+                     f"{_fmt(s['wall_s'], '.0f')} | {_fmt(s['images_per_s'], '.1f')} |")
+    lines += ["", "![validation top-1](val_top1.png)", "", "![training loss](train_loss.png)", "",
+              "![learning rate](lr.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def compare(run_dirs, out_dir, labels=None) -> dict:
+    runs = [read_run(d) for d in run_dirs]
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(labels) != len(runs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
+    os.makedirs(out_dir, exist_ok=True)
+    summaries = [summarise(r) for r in runs]
+    plots = plot(runs, labels, out_dir)
+    return {"report": write_report(summaries, labels, out_dir), "plots": plots, "runs": dict(zip(labels, summaries))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (checkpoint.save_dir of each run)")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--labels", nargs="+", default=None, help="one name per run (default: folder names)")
+    args = parser.parse_args(argv)
+    with fail_cleanly():
+        result = compare(args.runs, args.out, args.labels)
+    print(f"wrote {result['report']} and {len(result['plots'])} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

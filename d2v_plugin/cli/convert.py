@@ -1,0 +1,40 @@
+"""Turn a data2vec 2.0 checkpoint, a bare state dict or a distilled student's Lightning checkpoint into a
+compact encoder-only file (weights + architecture; no optimizer, EMA or decoder) for model.pretrained_checkpoint.
+
+    python -m d2v_plugin.cli.convert SRC --out DST [--depth N]
+"""
+import argparse
+import os
+import sys
+
+from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.models.checkpoints import COMPACT_FORMAT, atomic_torch_save, read_encoder_checkpoint
+
+
+def convert(src: str, out: str, depth=None, prefix=None, trust=False) -> dict:
+    cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix)
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    atomic_torch_save({"format": COMPACT_FORMAT, "arch": cfg.to_dict(), "encoder": state,
+                       "source": os.path.abspath(src)}, out)
+    trainable = sum(v.numel() for k, v in state.items() if k != "pos_embed")
+    return {"out": out, "depth": cfg.depth, "embed_dim": cfg.embed_dim, "parameters": trainable,
+            "bytes": os.path.getsize(out)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="data2vec 2.0 checkpoint, Lightning student checkpoint or bare state dict")
+    parser.add_argument("--out", required=True, help="where to write the compact encoder file")
+    parser.add_argument("--depth", type=int, default=None, help="keep the first N blocks (prenet blocks first)")
+    parser.add_argument("--prefix", default=None, help="key prefix of the encoder in SRC (default: found)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    args = parser.parse_args(argv)
+    with fail_cleanly():
+        info = convert(args.src, args.out, args.depth, args.prefix, args.trust_checkpoint)
+    print(f"wrote {info['out']}: {info['depth']} blocks x {info['embed_dim']} wide, "
+          f"{info['parameters']:,} parameters, {info['bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Export a fine-tuned checkpoint for use outside fairseq: DIR/model.safetensors + DIR/config.json.
+
+    python -m d2v_plugin.cli.export FINETUNED.pt --out DIR
+
+config.json holds the architecture, pooling, class names in label order, image size and the
+normalisation; ``d2v_plugin.load_classifier(DIR)`` loads it back (no pickle involved).
+"""
+import argparse
+import json
+import os
+import sys
+
+from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
+
+
+def export(checkpoint: str, out: str, trust: bool = False) -> dict:
+    from safetensors.torch import save_file
+
+    model = load_classifier(checkpoint, trust=trust)
+    os.makedirs(out, exist_ok=True)
+    meta = {
+        "format": EXPORT_FORMAT, "version": 1, "model": "data2vec2_image_classifier",
+        "architecture": model.encoder.cfg.to_dict(), "pooling": model.cfg.pooling,
+        "num_classes": model.cfg.num_classes, "classes": model.classes, "image_size": model.image_size,
+        "eval_crop_ratio": model.crop_ratio, "mean": list(model.mean), "std": list(model.std),
+        "source": os.path.abspath(checkpoint),
+    }
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, write in (("model.safetensors", lambda p: save_file(weights, p)),
+                        ("config.json", lambda p: open(p, "w").write(json.dumps(meta, indent=2) + "\n"))):
+        final = os.path.join(out, name)
+        write(final + ".tmp")
+        os.replace(final + ".tmp", final)
+    return meta
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    args = parser.parse_args(argv)
+    with fail_cleanly():
+        meta = export(args.checkpoint, args.out, args.trust_checkpoint)
+    print(f"exported {meta['num_classes']}-class model ({meta['architecture']['depth']} blocks) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

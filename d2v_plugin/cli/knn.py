@@ -1,0 +1,121 @@
+"""Weighted k-nearest-neighbour probe of frozen features: a cheap way to rank encoders before fine-tuning.
+
+    python -m d2v_plugin.cli.knn CHECKPOINT --data ROOT [--k 20] [--temperature 0.07] [--cache DIR]
+
+Features are the mean of all tokens but CLS (the pooling the head uses), L2-normalised; every val
+image votes with its k most cosine-similar train images, each weighted exp(similarity / T), as DINO's
+kNN evaluation does. CHECKPOINT is any encoder the model accepts (data2vec 2.0, Lightning student,
+converted file) or a fine-tuned checkpoint. Prints one JSON line {"top1", "top5", "k", "n", ...}.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.data import ImageFolderDataset, eval_transform, index_split
+from d2v_plugin.models.checkpoints import atomic_torch_save, load_encoder_state, read_encoder_checkpoint
+from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
+
+
+def load_encoder(path: str, image_size=None, trust=False, prefix=None) -> Data2Vec2ImageEncoder:
+    cfg, state = read_encoder_checkpoint(path, trust=trust, prefix=prefix)
+    cfg.image_size = image_size or cfg.image_size
+    encoder = Data2Vec2ImageEncoder(cfg)
+    load_encoder_state(encoder, state, path)
+    return encoder.eval()
+
+
+@torch.no_grad()
+def features(encoder, index, batch_size=64, workers=0, crop_ratio=0.875, desc="features"):
+    """[N, D] L2-normalised mean-pooled features and [N] labels, in index order."""
+    dataset = ImageFolderDataset(index, eval_transform(encoder.cfg.image_size, crop_ratio), shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=dataset.collater)
+    feats, labels = [], []
+    for batch in tqdm(loader, desc=desc, file=sys.stderr, unit="batch"):
+        if batch:
+            tokens = encoder.extract_features(batch["net_input"]["images"])
+            feats.append(F.normalize(tokens[:, 1:].mean(dim=1), dim=-1))
+            labels.append(batch["target"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(encoder, index, checkpoint, cache_dir=None, **kw):
+    if not cache_dir:
+        return features(encoder, index, **kw)
+    st = os.stat(checkpoint)
+    key = hashlib.sha1(json.dumps([os.path.realpath(checkpoint), st.st_mtime_ns, st.st_size, index.split_dir,
+                                   len(index), encoder.cfg.image_size, kw.get("crop_ratio")]).encode()).hexdigest()
+    path = os.path.join(cache_dir, f"{key}.pt")
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        return cached["features"], cached["labels"]
+    feats, labels = features(encoder, index, **kw)
+    atomic_torch_save({"features": feats, "labels": labels}, path)
+    return feats, labels
+
+
+def knn_classify(train_feats, train_labels, query_feats, num_classes, k=20, temperature=0.07, chunk=1024):
+    """Class scores [Q, C]: sum over the k nearest train features of exp(cos / T) for their class."""
+    k = min(k, len(train_feats))
+    scores = []
+    for start in range(0, len(query_feats), chunk):
+        sims, idx = (query_feats[start:start + chunk] @ train_feats.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(sims), num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val_split="val", batch_size=64,
+              workers=0, image_size=None, crop_ratio=0.875, cache_dir=None, trust=False, prefix=None,
+              index_cache=None) -> dict:
+    encoder = load_encoder(checkpoint, image_size, trust, prefix)
+    train_index = index_split(data, train_split, cache_dir=index_cache)
+    val_index = index_split(data, val_split, classes=train_index.classes, cache_dir=index_cache)
+    kw = dict(batch_size=batch_size, workers=workers, crop_ratio=crop_ratio)
+    train_feats, train_labels = cached_features(encoder, train_index, checkpoint, cache_dir, desc="train", **kw)
+    val_feats, val_labels = cached_features(encoder, val_index, checkpoint, cache_dir, desc="val", **kw)
+    scores = knn_classify(train_feats, train_labels, val_feats, len(train_index.classes), k, temperature)
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hits = top == val_labels.unsqueeze(1)
+    n = len(val_labels)
+    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item(), "k": k,
+            "temperature": temperature, "n": n, "n_train": len(train_labels)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="pretrained encoder or fine-tuned checkpoint")
+    parser.add_argument("--data", required=True, help="root holding train/ and val/ class folders")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--val-split", default="val")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--crop-ratio", type=float, default=0.875, help="resize to size/ratio, centre-crop size")
+    parser.add_argument("--cache", default=None, help="folder to keep computed features in, for reuse")
+    parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoint")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    args = parser.parse_args(argv)
+    with fail_cleanly():
+        if args.k < 1:
+            raise ValueError(f"--k must be at least 1, got {args.k}")
+        result = knn_probe(args.checkpoint, args.data, args.k, args.temperature, args.train_split, args.val_split,
+                           args.batch_size, args.workers, args.image_size, args.crop_ratio, args.cache,
+                           args.trust_checkpoint, args.prefix)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

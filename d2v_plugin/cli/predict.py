@@ -1,0 +1,52 @@
+"""Classify image files with a fine-tuned model; one JSON line per image.
+
+    python -m d2v_plugin.cli.predict MODEL IMAGE... [--topk 5]
+
+MODEL is a trainer checkpoint or an export folder. An unreadable image gives
+{"image": ..., "error": ...} and the others continue; the exit status is 1 if any failed.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.data import load_rgb
+from d2v_plugin.inference import load_classifier
+
+
+def predict(model, paths, topk: int = 5):
+    names = model.classes or [str(i) for i in range(model.cfg.num_classes)]
+    k = min(topk, len(names))
+    for path in paths:
+        try:
+            image = model.preprocess(load_rgb(path)).unsqueeze(0)
+        except Exception as err:  # one bad file must not stop the others
+            yield {"image": path, "error": f"cannot read image: {err}"}
+            continue
+        with torch.no_grad():
+            probs = model(image).softmax(-1)[0]
+        top = probs.topk(k)
+        yield {"image": path, "top": [{"class": names[i], "index": int(i), "prob": float(p)}
+                                      for p, i in zip(top.values, top.indices)]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="fine-tuned checkpoint or export folder")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    args = parser.parse_args(argv)
+    with fail_cleanly():
+        model = load_classifier(args.model, trust=args.trust_checkpoint)
+    failed = 0
+    for record in predict(model, args.images, args.topk):
+        failed += "error" in record
+        print(json.dumps(record), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The commands around a run: convert, export + load_classifier, predict, the kNN probe, compare.
+
+One session fixture trains two real runs on scikit-learn's digits with fairseq-hydra-train: a 2-block
+student cut from a 6-block checkpoint by model.depth, and a 4-block one from `convert --depth 4`.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, VENV_BIN
+from d2v_plugin.cli import compare as compare_cli
+from d2v_plugin.cli import convert as convert_cli
+from d2v_plugin.cli import evaluate as evaluate_cli
+from d2v_plugin.cli import export as export_cli
+from d2v_plugin.cli import knn as knn_cli
+from d2v_plugin.cli import predict as predict_cli
+from d2v_plugin.cli.knn import features, load_encoder
+from d2v_plugin.data import index_split
+from d2v_plugin.demo_data import write_digits
+from d2v_plugin.inference import load_classifier
+from d2v_plugin.models.checkpoints import read_encoder_checkpoint, save_data2vec_checkpoint
+from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
+
+pytestmark = pytest.mark.slow
+
+
+def fairseq_train(data, init, save_dir, cache, *overrides):
+    cmd = [os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
+           "common.user_dir=d2v_plugin", f"task.data={data}", f"model.pretrained_checkpoint={init}",
+           f"checkpoint.save_dir={save_dir}", f"task.cache_dir={cache}", "task.image_size=16",
+           "optimization.max_epoch=6", "optimization.max_update=270",
+           "optimizer.groups.default.lr_scheduler.warmup_updates=30",
+           "optimizer.groups.no_decay.lr_scheduler.warmup_updates=30", *overrides]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return save_dir
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    data, cache = root / "digits", root / "cache"
+    write_digits(str(data), image_size=16)
+    torch.manual_seed(0)
+    teacher = Data2Vec2ImageEncoder(EncoderConfig(embed_dim=64, depth=6, num_heads=4, patch_size=4, image_size=16))
+    init = root / "teacher.pt"
+    save_data2vec_checkpoint(teacher, str(init), prenet_depth=2)
+    student = root / "student4.pt"
+    out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.convert", str(init), "--out", str(student),
+                          "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    depth2 = fairseq_train(data, init, root / "depth2", cache, "model.depth=2")
+    depth4 = fairseq_train(data, student, root / "depth4", cache)
+    return {"data": data, "init": init, "student": student, "convert_stdout": out.stdout, "depth2": depth2,
+            "depth4": depth4, "root": root, "cache": cache}
+
+
+def test_convert_depth_4_keeps_the_sources_first_four_blocks(runs):
+    src = torch.load(runs["init"], weights_only=True)["model"]
+    out = torch.load(runs["student"], weights_only=True)
+    assert set(out) == {"format", "arch", "encoder", "source"}  # weights + architecture, nothing else
+    enc = out["encoder"]
+    assert out["arch"]["depth"] == 4 and not any(k.startswith("blocks.4.") for k in enc)
+    pre = "modality_encoders.IMAGE."
+    assert torch.equal(enc["blocks.0.attn.qkv.weight"], src[pre + "context_encoder.blocks.0.attn.qkv.weight"])
+    assert torch.equal(enc["blocks.1.norm2.bias"], src[pre + "context_encoder.blocks.1.norm2.bias"])
+    assert torch.equal(enc["blocks.2.mlp.fc1.weight"], src["blocks.0.mlp.fc1.weight"])
+    assert torch.equal(enc["blocks.3.mlp.fc2.bias"], src["blocks.1.mlp.fc2.bias"])
+    assert torch.equal(enc["norm_pre.weight"], src[pre + "context_encoder.norm.weight"])
+    assert torch.equal(enc["cls_token"], src[pre + "extra_tokens"])
+    assert torch.equal(enc["patch_embed.proj.weight"], src[pre + "local_encoder.proj.weight"])
+    n = sum(v.numel() for k, v in enc.items() if k != "pos_embed")
+    assert f"{n:,} parameters" in runs["convert_stdout"] and "MiB" in runs["convert_stdout"]
+    # and it fine-tuned through fairseq-hydra-train as it is (the depth4 run started from it)
+    assert (runs["depth4"] / "checkpoint_best.pt").exists()
+
+
+def trainer_model(checkpoint):
+    from fairseq import checkpoint_utils
+
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
+    return models[0].eval()
+
+
+def val_batch(runs, n=16):
+    model = load_classifier(runs["depth4"] / "checkpoint_best.pt")
+    index = index_split(str(runs["data"]), "val", classes=model.classes, cache_dir=str(runs["cache"]))
+    paths = [os.path.join(index.split_dir, f) for f in index.files[:: len(index) // n][:n]]
+    from d2v_plugin.data import load_rgb
+    return paths, torch.stack([model.preprocess(load_rgb(p)) for p in paths])
+
+
+def test_export_round_trip_gives_the_trainers_logits(runs, tmp_path):
+    ckpt = runs["depth4"] / "checkpoint_best.pt"
+    assert export_cli.main([str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    assert {"model.safetensors", "config.json"} <= set(os.listdir(tmp_path / "export"))
+    meta = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["image_size"] == 16
+    assert meta["architecture"]["depth"] == 4 and meta["pooling"] == "mean" and meta["mean"] == [0.485, 0.456, 0.406]
+    loaded = load_classifier(tmp_path / "export")
+    assert not loaded.training
+    _, images = val_batch(runs)
+    with torch.no_grad():
+        expected = trainer_model(ckpt)(images)
+        got = loaded(images)
+    assert (got - expected).abs().max().item() < 1e-6
+
+
+def test_predict_agrees_with_the_logits(runs, tmp_path, capsys):
+    ckpt = runs["depth4"] / "checkpoint_best.pt"
+    paths, images = val_batch(runs, n=4)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code = predict_cli.main([str(ckpt), paths[0], str(tmp_path / "broken.jpg"), *paths[1:], "--topk", "3"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert code == 1 and len(lines) == 5
+    assert lines[1]["image"].endswith("broken.jpg") and "error" in lines[1]
+    good = [lines[0]] + lines[2:]
+    with torch.no_grad():
+        probs = trainer_model(ckpt)(images).softmax(-1)
+    for record, p in zip(good, probs):
+        top = p.topk(3)
+        assert [r["index"] for r in record["top"]] == top.indices.tolist()
+        assert [r["class"] for r in record["top"]] == [str(i) for i in top.indices.tolist()]
+        assert [r["prob"] for r in record["top"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def brute_force_knn_top1(train_f, train_y, val_f, val_y, k, t, num_classes):
+    correct = 0
+    for q, y in zip(val_f.tolist(), val_y.tolist()):
+        sims = [sum(a * b for a, b in zip(q, x)) for x in train_f.tolist()]
+        nearest = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * num_classes
+        for i in nearest:
+            votes[int(train_y[i])] += float(np.exp(sims[i] / t))
+        correct += int(max(range(num_classes), key=lambda c: votes[c]) == y)
+    return correct / len(val_y)
+
+
+def test_knn_separates_trained_from_random_and_matches_brute_force(runs, capsys):
+    results = {}
+    for name, ckpt in (("random init", runs["init"]), ("fine-tuned", runs["depth4"] / "checkpoint_best.pt")):
+        assert knn_cli.main([str(ckpt), "--data", str(runs["data"]), "--k", "10"]) == 0
+        results[name] = json.loads(capsys.readouterr().out.strip())
+    with capsys.disabled():
+        print(f"\nkNN probe on digits (k=10): random init top-1 {results['random init']['top1']:.3f}, "
+              f"fine-tuned top-1 {results['fine-tuned']['top1']:.3f}")
+    assert results["fine-tuned"]["n"] == 360 and results["fine-tuned"]["n_train"] == 1437
+    assert results["fine-tuned"]["top1"] > results["random init"]["top1"] + 0.1
+    # the probe's top-1 equals a brute-force computation on the same features
+    enc = load_encoder(str(runs["depth4"] / "checkpoint_best.pt"))
+    train_index = index_split(str(runs["data"]), "train", cache_dir=str(runs["cache"]))
+    val_index = index_split(str(runs["data"]), "val", classes=train_index.classes, cache_dir=str(runs["cache"]))
+    tf, ty = features(enc, train_index)
+    vf, vy = features(enc, val_index)
+    expected = brute_force_knn_top1(tf, ty, vf[:60], vy[:60], 10, 0.07, 10)
+    from d2v_plugin.cli.knn import knn_classify
+    got = (knn_classify(tf, ty, vf[:60], 10, k=10).argmax(1) == vy[:60]).float().mean().item()
+    assert got == pytest.approx(expected)
+
+
+def test_knn_feature_cache_is_reused(runs, tmp_path, capsys, monkeypatch):
+    args = [str(runs["init"]), "--data", str(runs["data"]), "--k", "5", "--cache", str(tmp_path / "feats")]
+    assert knn_cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "feats")) == 2  # train and val features
+    monkeypatch.setattr(knn_cli, "features", lambda *a, **k: pytest.fail("features recomputed"))
+    assert knn_cli.main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def log_lines(run_dir):
+    """Independent read of fairseq's simple-format log: (epoch, accuracy) per validation, and updates."""
+    text = (run_dir / "hydra" / "hydra_train.log").read_text()
+    valid = [(int(e), float(a)) for e, a in
+             re.findall(r"epoch (\d+) \| valid on 'val' subset \|.*? accuracy ([\d.]+)", text)]
+    updates = [int(m) for m in re.findall(r"num_updates[ =](\d+)", text)]
+    return valid, updates
+
+
+def test_compare_two_runs_writes_plots_and_a_report_matching_the_logs(runs, tmp_path):
+    out = tmp_path / "report"
+    assert compare_cli.main([str(runs["depth2"]), str(runs["depth4"]), "--out", str(out),
+                             "--labels", "depth 2", "depth 4"]) == 0
+    for name in ("val_top1.png", "train_loss.png", "lr.png"):
+        with Image.open(out / name) as img:
+            img.verify()
+        with Image.open(out / name) as img:
+            assert img.size[0] > 100 and len(img.convert("RGB").getcolors(1 << 20)) > 10  # not blank
+    report = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in report.splitlines() if line.startswith("| depth")}
+    for label, run in (("depth 2", runs["depth2"]), ("depth 4", runs["depth4"])):
+        valid, updates = log_lines(run)
+        best_epoch, best = max(valid, key=lambda v: v[1])
+        row = rows[label]
+        assert float(row[1]) == pytest.approx(best, abs=1e-3) and int(row[2]) == best_epoch
+        assert int(row[5].replace(",", "")) == max(updates) == 270
+    p2, p4 = (int(rows[k][0].replace(",", "")) for k in ("depth 2", "depth 4"))
+    assert p4 - p2 == 2 * (12 * 64 * 64 + 13 * 64)  # two more 64-wide blocks, each 12d^2 + 13d
+
+
+def error_line(capsys):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("command,args,expected", [
+    (convert_cli, ["{missing}", "--out", "{tmp}/x.pt"], "checkpoint not found"),
+    (convert_cli, ["{text}", "--out", "{tmp}/x.pt"], "is not a PyTorch checkpoint"),
+    (export_cli, ["{missing}", "--out", "{tmp}/e"], "checkpoint not found"),
+    (export_cli, ["{init}", "--out", "{tmp}/e"], "no classifier head"),
+    (predict_cli, ["{init}", "{image}"], "no classifier head"),
+    (predict_cli, ["{text}", "{image}"], "is not a PyTorch checkpoint"),
+    (evaluate_cli, ["{missing}", "--data", "{data}"], "checkpoint not found"),
+    (evaluate_cli, ["{best}", "--data", "{tmp}/nodata"], "split folder not found"),
+    (knn_cli, ["{missing}", "--data", "{data}"], "checkpoint not found"),
+    (knn_cli, ["{text}", "--data", "{data}"], "is not a PyTorch checkpoint"),
+    (compare_cli, ["{tmp}/empty_run", "--out", "{tmp}/r"], "no fairseq training log found"),
+    (compare_cli, ["{tmp}/no_such_run", "--out", "{tmp}/r"], "run folder not found"),
+])
+def test_bad_inputs_end_with_one_clear_error_line(runs, tmp_path, capsys, command, args, expected):
+    (tmp_path / "notes.txt").write_text("just text")
+    (tmp_path / "empty_run").mkdir()
+    values = {"missing": tmp_path / "missing.pt", "text": tmp_path / "notes.txt", "tmp": tmp_path,
+              "init": runs["init"], "data": runs["data"], "best": runs["depth4"] / "checkpoint_best.pt",
+              "image": next((runs["data"] / "val" / "3").iterdir())}
+    with pytest.raises(SystemExit) as exit_info:
+        command.main([a.format(**values) for a in args])
+    assert exit_info.value.code not in (0, None)
+    assert expected in error_line(capsys)
