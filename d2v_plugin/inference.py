@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import fields
 
-from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalized, eval_transform
 from d2v_plugin.models.checkpoints import CheckpointError, encoder_from_object, load_file, strict_load
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
@@ -26,7 +26,8 @@ def _build(model_cfg: dict, enc_cfg: EncoderConfig, state: dict, source: str, cl
     model.eval()
     model.classes = list(classes or [])
     model.image_size, model.crop_ratio, model.mean, model.std = enc_cfg.image_size, crop_ratio, tuple(mean), tuple(std)
-    model.preprocess = eval_transform(enc_cfg.image_size, crop_ratio, mean, std)
+    model.transform = eval_transform(enc_cfg.image_size, crop_ratio, mean=mean, std=std)  # uint8, for datasets
+    model.preprocess = Normalized(model.transform)  # PIL image -> normalised float tensor
     return model
 
 
@@ -51,7 +52,8 @@ def load_classifier(path: str, trust: bool = False) -> Data2Vec2ImageClassifier:
     """An eval-mode model mapping normalised images to logits.
 
     It carries ``classes`` (class names in label order, when known) and ``preprocess`` (the eval
-    transform: PIL image -> normalised tensor), plus ``image_size``, ``crop_ratio``, ``mean``, ``std``.
+    transform: PIL image -> normalised tensor), plus ``transform`` (the same without normalisation, as
+    ``ImageFolderDataset`` takes it), ``image_size``, ``crop_ratio``, ``mean``, ``std``.
     """
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, load_rgb, train_transform
+from d2v_plugin.data.transforms import Normalized, RandomResizedCropFlip, sample_crop
 from d2v_plugin.data import index as index_module
 
 
@@ -80,7 +81,7 @@ def test_odd_formats_decode_to_rgb(tmp_path, mode, fmt, name):
 def test_eval_transform_resizes_shorter_side_then_centre_crops(tmp_path):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
-    out = eval_transform(64, 0.875)(img)
+    out = Normalized(eval_transform(64, 0.875))(img)
     # independent: PIL bicubic resize of the shorter side to int(64 / 0.875) = 73, then the centre 64x64
     resized = img.resize((109, 73), Image.BICUBIC)
     left, top = round((109 - 64) / 2.0), round((73 - 64) / 2.0)
@@ -93,9 +94,61 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops(tmp_path):
 
 def test_train_transform_output_is_normalised_crop():
     img = Image.new("RGB", (120, 90), color=(124, 116, 104))  # ~ the ImageNet mean colour
-    out = train_transform(32)(img)
+    out = Normalized(train_transform(32))(img)
     assert out.shape == (3, 32, 32)
     assert out.abs().max() < 0.02
+
+
+def test_crop_boxes_follow_random_resized_crops_distribution():
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    W, H, n = 500, 375, 4000
+    g = torch.Generator().manual_seed(0)
+    ours = np.array([sample_crop(W, H, (0.08, 1.0), generator=g) for _ in range(n)], dtype=np.float64)
+    torch.manual_seed(0)
+    img = Image.new("RGB", (W, H))
+    ref = np.array([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)],
+                   dtype=np.float64)  # (top, left, h, w)
+    ref = ref[:, [1, 0, 3, 2]]  # -> (left, top, w, h)
+    stats = {
+        "area": lambda b: b[:, 2] * b[:, 3] / (W * H),
+        "log aspect": lambda b: np.log(b[:, 2] / b[:, 3]),
+        "centre x": lambda b: (b[:, 0] + b[:, 2] / 2) / W,
+        "centre y": lambda b: (b[:, 1] + b[:, 3] / 2) / H,
+    }
+    for name, f in stats.items():
+        assert ks_2samp(f(ours), f(ref)).pvalue > 0.001, name  # same distribution within sampling error
+
+
+def test_flips_happen_half_the_time_and_mirror_the_crop():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    t = RandomResizedCropFlip(16, scale=(1.0, 1.0), ratio=(1.5, 1.5))  # always the whole image
+    outs = [t(img, torch.Generator().manual_seed(s)) for s in range(400)]
+    plain = t(img, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, plain.flip(-1)) for o in outs]
+    same = [torch.equal(o, plain) for o in outs]
+    assert all(a or b for a, b in zip(flipped, same))
+    assert 0.42 < sum(flipped) / len(outs) < 0.58
+
+
+def test_fast_decode_keeps_crops_and_stays_close_to_full_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (47, 63, 3), dtype=np.uint8)  # smooth photo-like content, upscaled
+    Image.fromarray(base).resize((1000, 750), Image.BICUBIC).save(tmp_path / "big.jpg", quality=90)
+    plain, fast = (RandomResizedCropFlip(64, fast_decode=f) for f in (False, True))
+    diffs, other = [], []
+    for s in range(20):
+        with Image.open(tmp_path / "big.jpg") as a, Image.open(tmp_path / "big.jpg") as b:
+            x = plain(a, torch.Generator().manual_seed(s)).float()
+            y = fast(b, torch.Generator().manual_seed(s)).float()
+        with Image.open(tmp_path / "big.jpg") as c:
+            z = fast(c, torch.Generator().manual_seed(s + 1000)).float()
+        diffs.append((x - y).abs().mean().item())
+        other.append((x - z).abs().mean().item())
+    # mean abs difference in 0..255 levels: the same crops, resampled from a reduced decode, versus
+    # what another crop of the same image gives
+    assert np.mean(diffs) < 8.0 and np.mean(other) > 4 * np.mean(diffs), (np.mean(diffs), np.mean(other))
 
 
 def write_bad_files(folder):
@@ -112,7 +165,7 @@ def test_dataset_skips_unreadable_images_and_counts_them(tmp_path, cache_dir):
     folder.mkdir(parents=True)
     write_bad_files(folder)
     index = index_split(str(tmp_path / "d"), "train", cache_dir=cache_dir)
-    ds = ImageFolderDataset(index, eval_transform(16, 1.0), on_bad_image="skip", shuffle=False)
+    ds = ImageFolderDataset(index, eval_transform(16, 1.0), on_bad_image="skip", shuffle=False)  # noqa
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert batch["bad_images"] == 2 and batch["net_input"]["images"].shape == (3, 3, 16, 16)
     assert ds.bad_seen == 2

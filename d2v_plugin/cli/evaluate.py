@@ -21,7 +21,7 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
     index = index_split(data, split, classes=classes, cache_dir=cache_dir)
     if classes is None and len(index.classes) != model.cfg.num_classes:
         raise ValueError(f"{data}/{split} has {len(index.classes)} classes but the model has {model.cfg.num_classes}")
-    dataset = ImageFolderDataset(index, model.preprocess, on_bad_image="skip", shuffle=False)
+    dataset = ImageFolderDataset(index, model.transform, on_bad_image="skip", shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=dataset.collater)
     top1 = top5 = n = 0

@@ -33,6 +33,7 @@ class MixupCrossEntropyConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing (inside Mixup when mixing)"})
     num_classes: int = II("model.num_classes")
     seed: int = II("common.seed")
+    batch_size: Optional[int] = II("dataset.batch_size")
 
 
 @register_criterion("mixup_cross_entropy", dataclass=MixupCrossEntropyConfig)
@@ -48,6 +49,10 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
                 prob=cfg.mixup_prob, switch_prob=cfg.switch_prob, mode=cfg.mixup_mode,
                 label_smoothing=cfg.label_smoothing, num_classes=cfg.num_classes,
             )
+            if isinstance(cfg.batch_size, int) and cfg.batch_size % 2:
+                raise ValueError(
+                    f"dataset.batch_size={cfg.batch_size} is odd, but mixup/cutmix pairs the samples of a batch: "
+                    f"use an even dataset.batch_size (with dataset.required_batch_size_multiple=2)")
 
     def mix(self, images: torch.Tensor, target: torch.Tensor, update: int = 0):
         """timm's Mixup on the batch; returns (images, soft targets).
@@ -101,9 +106,9 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
         if any("correct" in log for log in logging_outputs):
             metrics.log_scalar_sum("_correct", total("correct"))
             metrics.log_scalar_sum("_correct5", total("correct5"))
-            metrics.log_scalar_sum("_n", n)
-            metrics.log_derived("accuracy", lambda m: round(100.0 * float(m["_correct"].sum) / max(float(m["_n"].sum), 1), 3))
-            metrics.log_derived("top5", lambda m: round(100.0 * float(m["_correct5"].sum) / max(float(m["_n"].sum), 1), 3))
+            metrics.log_scalar_sum("n", n)  # images validated, summed over workers
+            metrics.log_derived("accuracy", lambda m: round(100.0 * float(m["_correct"].sum) / max(float(m["n"].sum), 1), 3))
+            metrics.log_derived("top5", lambda m: round(100.0 * float(m["_correct5"].sum) / max(float(m["n"].sum), 1), 3))
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from fairseq.data import FairseqDataset
 from PIL import Image
 
 from d2v_plugin.data.index import DataError, FolderIndex
+from d2v_plugin.data.transforms import RandomResizedCropFlip, ResizeCenterCrop, normalize_batch, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -20,25 +22,45 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+PLUGIN_TRANSFORMS = (RandomResizedCropFlip, ResizeCenterCrop)
+# what PIL raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
 class ImageFolderDataset(FairseqDataset):
-    def __init__(self, index: FolderIndex, transform, on_bad_image: str = "skip", shuffle: bool = True):
+    """Image ``i`` of epoch ``e`` is augmented with its own generator seeded from (seed, e, i): the same
+    crop and flip whatever the number of data-loading workers or GPUs, after resuming a killed run, and
+    without touching the global RNG (fairseq prefetches batches in a thread while the model trains)."""
+
+    def __init__(self, index: FolderIndex, transform, on_bad_image: str = "skip", shuffle: bool = True,
+                 seed: int = 1):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"task.on_bad_image={on_bad_image!r}: use skip or error")
         self.index = index
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 1
         self.sizes = np.ones(len(index), dtype=np.int64)  # every image is one example
         self.bad_seen = 0
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict:
         path = os.path.join(self.index.split_dir, self.index.files[i])
         try:
-            image = self.transform(load_rgb(path))
-        except Exception as err:  # any decoder failure: truncated, empty, not an image
+            with Image.open(path) as img:
+                if isinstance(self.transform, PLUGIN_TRANSFORMS):
+                    g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+                    image = self.transform(img, g)
+                else:  # timm's transforms (RandAugment path) take a decoded RGB image
+                    image = self.transform(to_rgb(img))
+        except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
             if self.on_bad_image == "error":
                 raise DataError(f"unreadable image {path}: {err} (task.on_bad_image=skip skips such files)") from None
             self.bad_seen += 1
@@ -50,9 +72,12 @@ class ImageFolderDataset(FairseqDataset):
         good = [s for s in samples if s["image"] is not None]
         if not good:
             return {}  # fairseq treats an empty sample as a dummy batch
+        images = torch.stack([s["image"] for s in good])
+        if images.dtype == torch.uint8:  # the plugin's transforms leave normalisation to the batch
+            images = normalize_batch(images, self.transform.mean, self.transform.std)
         return {
             "id": torch.tensor([s["id"] for s in good]),
-            "net_input": {"images": torch.stack([s["image"] for s in good])},
+            "net_input": {"images": images},
             "target": torch.tensor([s["target"] for s in good]),
             "nsentences": len(good),
             "ntokens": len(good),

@@ -1,0 +1,213 @@
+"""Reliability: deterministic augmentation, resume after SIGKILL, multi-process equivalence, atomic
+checkpoints, NaN losses, clear errors for wrong settings, untrusted files at every entry point."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, VENV_BIN, tiny_encoder
+from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
+from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def train_cmd(tmp_path, data, save_dir, *overrides, init=None, launcher=(), user_dir="d2v_plugin"):
+    init = init or tmp_path / "init.pt"
+    if not os.path.exists(init):
+        save_data2vec_checkpoint(tiny_encoder(), str(init), prenet_depth=2)
+    return [*launcher, os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config",
+            "--config-name", "demo", f"common.user_dir={user_dir}", f"task.data={data}",
+            f"model.pretrained_checkpoint={init}", f"checkpoint.save_dir={save_dir}",
+            f"task.cache_dir={tmp_path / 'cache'}", "task.image_size=24", "model.num_classes=3",
+            "dataset.batch_size=4", "optimization.max_epoch=2", "optimization.max_update=12",
+            "optimizer.groups.default.lr_scheduler.warmup_updates=2",
+            "optimizer.groups.no_decay.lr_scheduler.warmup_updates=2", "common.log_interval=1", *overrides]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(image_root, cache_dir):
+    index = index_split(str(image_root), "train", cache_dir=cache_dir)
+    ds = ImageFolderDataset(index, train_transform(16), seed=5)
+    state = torch.get_rng_state()
+    first = [ds[i]["image"] for i in range(6)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is never touched
+    torch.manual_seed(123)  # ... and its state does not matter
+    again = [ds[i]["image"] for i in reversed(range(6))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=ds.collater)
+    batched = torch.cat([b["net_input"]["images"] for b in loader])[:6]
+    assert torch.equal(batched, ds.collater([ds[i] for i in range(6)])["net_input"]["images"])
+    ds.set_epoch(2)
+    assert not torch.equal(ds[0]["image"], first[0])  # a new epoch, a new crop
+
+
+# --- resume after a crash ----------------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_same_weights_and_accuracy(tmp_path, image_root):
+    # mixup and drop path on: every source of randomness must survive the restart
+    extra = ["checkpoint.save_interval_updates=2", "model.drop_path_rate=0.1", "criterion.mixup_prob=1.0"]
+    whole = run(train_cmd(tmp_path, image_root, tmp_path / "whole", *extra))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cmd = train_cmd(tmp_path, image_root, tmp_path / "killed", *extra)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill -9 in the middle of epoch 2, right after update 8 was saved
+        if "Saved checkpoint" in line and "@ 8 updates" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "Loaded checkpoint" in log and "(epoch 2 @ " in log
+
+    a, b = (torch.load(d / "checkpoint_last.pt", weights_only=True) for d in (tmp_path / "whole", tmp_path / "killed"))
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 12
+    assert max_diff(a["model"], b["model"]) == 0.0  # bit-identical on CPU
+    assert a["extra_state"]["val_loss"] == b["extra_state"]["val_loss"]
+
+
+# --- multi-process training --------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CPU_DDP = ["common.cpu=true", "distributed_training.distributed_world_size=2",
+           "distributed_training.distributed_no_spawn=true", "distributed_training.device_id=0",
+           "distributed_training.distributed_backend=gloo", "distributed_training.ddp_backend=legacy_ddp"]
+NO_MIXUP = ["criterion.mixup_alpha=0", "criterion.cutmix_alpha=0"]
+
+
+def val_records(output):
+    import json
+    out = []
+    for line in output.splitlines():
+        if "[val][INFO] - {" in line:
+            out.append(json.loads(line.split(" - ", 1)[1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    from d2v_plugin.demo_data import write_random_images
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    write_random_images(str(tmp / "images"), classes=3, per_class={"train": 8, "val": 5}, size=24)
+    # global batch 8: one process, batch 4, update_freq 2
+    result = run(train_cmd(tmp, tmp / "images", tmp / "single", *NO_MIXUP, "optimization.update_freq=[2]",
+                           "common.log_format=json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp
+
+
+def check_same_as_single_process(tmp, save_dir, output):
+    diff = max_diff(weights(tmp / "single" / "checkpoint_last.pt"), weights(save_dir / "checkpoint_last.pt"))
+    assert diff < 1e-5, diff
+    records = val_records(output)
+    assert records and all(float(r["val_n"]) == 15 for r in records)  # all 15 val images, once
+    single = val_records((tmp / "single" / "hydra" / "hydra_train.log").read_text())
+    assert [r["val_accuracy"] for r in records] == [r["val_accuracy"] for r in single]
+
+
+def test_two_processes_per_rank_match_one_process(single_process):
+    tmp, port = single_process, free_port()
+    procs = [subprocess.Popen(
+        train_cmd(tmp, tmp / "images", tmp / "per_rank", *NO_MIXUP, *CPU_DDP, "common.log_format=json",
+                  f"distributed_training.distributed_rank={rank}",
+                  f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:]
+    check_same_as_single_process(tmp, tmp / "per_rank", outputs[0])
+
+
+def test_torchrun_two_processes_match_one_process(single_process):
+    tmp = single_process
+    launcher = [os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
+                "--no-python"]
+    result = run(train_cmd(tmp, tmp / "images", tmp / "torchrun", *NO_MIXUP, *CPU_DDP, "common.log_format=json",
+                           "distributed_training.distributed_init_method=env://",
+                           "distributed_training.distributed_rank=${oc.env:RANK}", launcher=launcher))
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_same_as_single_process(tmp, tmp / "torchrun", result.stdout + result.stderr)
+
+
+# --- checkpoints are never half-written --------------------------------------------------------
+
+def test_interrupted_checkpoint_copy_leaves_the_previous_file_loadable(tmp_path, monkeypatch):
+    from fairseq.file_io import PathManager
+
+    last, new = tmp_path / "checkpoint_last.pt", tmp_path / "checkpoint_3_300.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, last)
+    torch.save({"model": {"w": torch.ones(1000)}}, new)
+
+    def killed_halfway(src, dst, *a, **k):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read()[:100])
+        raise KeyboardInterrupt  # the job dies in the middle of the copy
+
+    monkeypatch.setattr(shutil, "copyfile", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        PathManager.copy(str(new), str(last), overwrite=True)  # what fairseq's save_checkpoint calls
+    assert torch.equal(torch.load(last, weights_only=True)["model"]["w"], torch.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_3_300.pt", "checkpoint_last.pt"]  # no debris
+    monkeypatch.undo()
+    assert PathManager.copy(str(new), str(last), overwrite=True)
+    assert torch.equal(torch.load(last, weights_only=True)["model"]["w"], torch.ones(1000))
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_file_loadable(tmp_path, monkeypatch):
+    from fairseq import checkpoint_utils
+
+    last = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, last)
+    real_save = torch.save
+
+    def killed_halfway(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_utils.torch_persistent_save({"model": {"w": torch.ones(3)}}, str(last))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(last, weights_only=True)["model"]["w"], torch.zeros(3))
+
+
+# --- numerical faults ---------------------------------------------------------------------------
+
+def test_nan_loss_stops_the_run_naming_the_update_and_keeps_weights_clean(tmp_path, image_root):
+    result = run(train_cmd(tmp_path, image_root, tmp_path / "nan", "criterion._name=nan_at_update_cross_entropy",
+                           "+criterion.nan_at_update=5", "checkpoint.save_interval_updates=2",
+                           user_dir="tests/nan_inject"))
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "gradients are Nan/Inf" in log or "nan" in log.lower()
+    assert "num_updates" in log
+    last = torch.load(tmp_path / "nan" / "checkpoint_last.pt", weights_only=True)
+    assert last["optimizer_history"][-1]["num_updates"] == 4  # the last good state, saved before update 5
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
