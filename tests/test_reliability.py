@@ -206,8 +206,99 @@ def test_nan_loss_stops_the_run_naming_the_update_and_keeps_weights_clean(tmp_pa
                            user_dir="tests/nan_inject"))
     log = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "gradients are Nan/Inf" in log or "nan" in log.lower()
-    assert "num_updates" in log
+    # fairseq (fp32) stops at the first non-finite gradient norm: FloatingPointError, NanDetector names
+    # the first module with NaN, and the state *before* the bad update is saved as crash.pt
+    assert "FloatingPointError: gradients are Nan/Inf" in log
+    assert "NaN detected in output of head" in log
+    crash = torch.load(tmp_path / "nan" / "crash.pt", weights_only=True)
+    assert crash["optimizer_history"][-1]["num_updates"] == 4  # the update that failed is the 5th
+    assert all(torch.isfinite(v).all() for v in crash["model"].values())  # weights not poisoned
     last = torch.load(tmp_path / "nan" / "checkpoint_last.pt", weights_only=True)
-    assert last["optimizer_history"][-1]["num_updates"] == 4  # the last good state, saved before update 5
+    assert last["optimizer_history"][-1]["num_updates"] == 4
     assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+# --- clear errors for wrong settings ------------------------------------------------------------
+
+def plugin_error_line(stderr):
+    """The exception line hydra prints last: one line naming the setting and the fix."""
+    lines = [line for line in stderr.splitlines()
+             if line.startswith(("d2v_plugin.", "ValueError: ", "FileNotFoundError: "))]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["task.data=???"], "task.data is not set: pass task.data="),
+    # (a missing data folder and a class-count mismatch: tests/test_end_to_end.py)
+    (["model.pretrained_checkpoint=/no/ckpt.pt"], "checkpoint not found: /no/ckpt.pt"),
+    (["model.depth=9"], "model.depth=9 but the checkpoint has 5 blocks"),
+    (["+model.embed_dim=64"], "model.embed_dim=64 but the checkpoint has 32"),
+    (["dataset.batch_size=5"], "dataset.batch_size=5 is odd, but mixup/cutmix pairs the samples"),
+    (["model.pooling=max"], "model.pooling='max' is not a pooling mode; use one of mean, cls"),
+    (["task.on_bad_image=ignore"], "task.on_bad_image='ignore': use skip or error"),
+])
+def test_wrong_settings_stop_with_one_line_naming_the_setting(tmp_path, image_root, overrides, expected):
+    result = run(train_cmd(tmp_path, image_root, tmp_path / "run", *overrides))
+    assert result.returncode != 0
+    assert expected in plugin_error_line(result.stderr)
+
+
+# --- untrusted files ---------------------------------------------------------------------------
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """A checkpoint that looks like a fine-tuned one but runs a command when unpickled."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"cfg": {"model": {"_name": "data2vec2_image_classifier"}}, "model": tiny_encoder().state_dict(),
+                "extra": RunsCode(marker)}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "d2v_plugin.cli.convert", "{evil}", "--out", "{tmp}/out.pt"],
+    ["-m", "d2v_plugin.cli.evaluate", "{evil}", "--data", "{data}"],
+    ["-m", "d2v_plugin.cli.predict", "{evil}", "{image}"],
+    ["-m", "d2v_plugin.cli.knn", "{evil}", "--data", "{data}"],
+    ["-m", "d2v_plugin.cli.export", "{evil}", "--out", "{tmp}/export"],
+])
+def test_malicious_pickle_is_refused_by_every_command(tmp_path, image_root, evil, command):
+    path, marker = evil
+    image = next((image_root / "val" / "class_0").iterdir())
+    args = [a.format(evil=path, tmp=tmp_path, data=image_root, image=image) for a in command]
+    result = run([sys.executable, *args])
+    assert result.returncode != 0 and not marker.exists()
+    assert "refusing to unpickle" in result.stderr and "posix.system" in result.stderr
+
+
+def test_malicious_pickle_is_refused_as_pretrained_checkpoint(tmp_path, image_root, evil):
+    path, marker = evil
+    result = run(train_cmd(tmp_path, image_root, tmp_path / "run", init=path))
+    assert result.returncode != 0 and not marker.exists()
+    assert "model.trust_checkpoint=true" in plugin_error_line(result.stderr)
+
+
+def test_malicious_pickle_is_refused_by_load_classifier(evil):
+    from d2v_plugin import load_classifier
+    from d2v_plugin.models.checkpoints import CheckpointError
+
+    path, marker = evil
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_classifier(path)
+    assert not marker.exists()
+
+
+def test_config_values_are_never_evaluated(tmp_path, image_root):
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    result = run(train_cmd(tmp_path, image_root, tmp_path / "run", f"model.pooling=\"{payload}\""))
+    assert result.returncode != 0 and not marker.exists()

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
 from d2v_plugin.models.classifier import record_architecture
@@ -61,7 +61,8 @@ class ImageFolderClassificationTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: ImageFolderClassificationConfig, **kwargs):
-        if cfg.data in (None, "", MISSING) or str(cfg.data) == "???":
+        missing = OmegaConf.is_missing(cfg, "data") if OmegaConf.is_config(cfg) else cfg.data == MISSING
+        if missing or not cfg.data:
             raise DataError("task.data is not set: pass task.data=<root holding train/ and val/ folders>")
         if not os.path.isdir(cfg.data):
             raise DataError(f"task.data={cfg.data} does not exist or is not a folder")
