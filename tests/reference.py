@@ -102,3 +102,67 @@ def save_like_fairseq(model, cfg, path):
         "last_optimizer_state": None,
     }
     checkpoint_utils.torch_persistent_save(state, str(path))
+
+
+class ComposedReference:
+    """Fallback where ``mae_image_classification`` cannot be built (see reference_classifier)."""
+
+
+def reference_classifier(d2v_model, num_classes=1000, drop_path_rate=0.0):
+    """data2vec's own fine-tuning model, ``mae_image_classification``, around the given data2vec 2.0
+    model's weights (built from its config, as fairseq does from a checkpoint's ``cfg``).
+
+    data2vec's constructor spaces drop-path rates over the *main* blocks and indexes them with the
+    prenet depth, so it raises IndexError when there are no more main than prenet blocks (a 2 + 2
+    student). Then the same computation is composed from data2vec's model: its
+    ``extract_features(mode="IMAGE", mask=False)`` (CLS removed), mean, fc_norm, head, as
+    ``MaeImageClassificationModel.forward`` does.
+    """
+    import torch
+
+    try:
+        return _mae_image_classification(d2v_model, num_classes, drop_path_rate)
+    except IndexError:
+        pass
+
+    class Composed(torch.nn.Module, ComposedReference):
+        def __init__(self):
+            super().__init__()
+            self.model = d2v_model
+            self.model.remove_pretraining_modules(modality="image")
+            dim = d2v_model.cfg.embed_dim
+            self.fc_norm = torch.nn.LayerNorm(dim, eps=1e-6)
+            self.head = torch.nn.Linear(dim, num_classes)
+            torch.nn.init.trunc_normal_(self.head.weight, std=0.02)
+            torch.nn.init.zeros_(self.head.bias)
+
+        def forward(self, images):
+            x = self.model.extract_features(images, mode="IMAGE", mask=False, remove_extra_tokens=True)["x"]
+            return self.head(self.fc_norm(x.mean(dim=1)))
+
+    return Composed()
+
+
+def _mae_image_classification(d2v_model, num_classes, drop_path_rate):
+    from omegaconf import OmegaConf
+
+    ref = data2vec()
+    model_cfg = OmegaConf.structured(d2v_model.cfg)
+    OmegaConf.set_struct(model_cfg, False)
+    model_cfg._name = "data2vec_multi"
+    root = OmegaConf.create({"task": {"_name": "mae_image_pretraining", "data": "/unused"}, "model": model_cfg,
+                             "optimization": {"max_update": 1}, "common": {"seed": 1}})
+    pretrained = OmegaConf.create(OmegaConf.to_container(root, resolve=True))  # as saved in a checkpoint's cfg
+    OmegaConf.set_struct(pretrained, False)
+    cfg = ref.mae_cls.MaeImageClassificationConfig(
+        model_path="", num_classes=num_classes, drop_path_rate=drop_path_rate, pretrained_model_args=pretrained,
+        mixup=0.0, cutmix=0.0, layer_decay=0.65,
+    )
+    cfg = OmegaConf.structured(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.data = "/unused"
+    model = ref.mae_cls.MaeImageClassificationModel(cfg)
+    state = {k: v for k, v in d2v_model.state_dict().items() if ".decoder." not in k and not k.startswith("_ema")}
+    missing, unexpected = model.model.load_state_dict(state, strict=False)
+    assert not unexpected and all("decoder" in k for k in missing), (missing, unexpected)
+    return model

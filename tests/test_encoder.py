@@ -134,3 +134,19 @@ def test_load_into_encoder_reports_every_bad_key(tmp_path):
     msg = str(err.value)
     assert "somefile.pt" in msg and "blocks.1.norm2.bias" in msg and "extra.thing" in msg
     assert "blocks.0.attn.qkv.weight" in msg
+
+
+def test_logits_match_data2vecs_mae_image_classification(tmp_path):
+    from reference import reference_classifier
+
+    ref_d2v, cfg = build_data2vec_model(embed_dim=64, num_heads=4, depth=3, prenet_depth=2, image_size=32, patch_size=8)
+    path = tmp_path / "d2v.pt"
+    save_like_fairseq(ref_d2v, cfg, path)
+    ours = load_ours(path)
+    reference = reference_classifier(ref_d2v, num_classes=7).eval()
+    assert type(reference).__name__ == "MaeImageClassificationModel"
+    ours.fc_norm.load_state_dict(reference.fc_norm.state_dict())
+    ours.head.load_state_dict(reference.head.state_dict())
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(images) - reference(images)).abs().max().item() < 1e-5

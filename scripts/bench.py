@@ -1,0 +1,335 @@
+"""`make bench`: measure the plugin against data2vec's own fine-tuning path and rewrite BENCHMARKS.md.
+
+Every figure is the median (with min and max) over at least 5 runs, the contenders interleaved
+(A, B, A, B, ...), each train-step run in a fresh process so peak memory is that run's alone.
+Sections: train step (ours vs data2vec's model, depth 12 and 4), input pipeline (per worker, real
+photographs), start-up (indexing 100k files), end to end (fairseq-hydra-train updates/s).
+"""
+import argparse
+import importlib.util
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = 5
+
+
+def reference_module():
+    """tests/reference.py: data2vec's own code with its two test-only shims."""
+    spec = importlib.util.spec_from_file_location("reference", os.path.join(REPO, "tests", "reference.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s, unit="", digits=1):
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+# --- train step -------------------------------------------------------------------------------
+
+def train_step_worker(impl: str, depth: int, batch: int, steps: int, warmup: int) -> dict:
+    """One measurement in this process: images/s of forward + soft-target CE + backward + AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    ref = reference_module()
+    d2v, cfg = ref.build_data2vec_model(depth=depth - 2, prenet_depth=2)  # base width, random weights
+    if impl == "ours":
+        import d2v_plugin  # noqa: F401
+        from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+
+        path = os.path.join(tempfile.mkdtemp(), "d2v.pt")
+        ref.save_like_fairseq(d2v, cfg, path)
+        del d2v
+        model = Data2Vec2ImageClassifier.build_model(Data2Vec2ClassifierConfig(pretrained_checkpoint=path,
+                                                                               num_classes=1000))
+    else:
+        model = ref.reference_classifier(d2v, num_classes=1000)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    images = torch.randn(batch, 3, 224, 224)
+    soft = torch.softmax(torch.randn(batch, 1000), -1)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        logits = model(images)
+        loss = torch.sum(-soft * F.log_softmax(logits.float(), -1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"images_per_s": batch * len(times) / sum(times), "peak_rss_mib": peak_mib}
+
+
+def bench_train_step(batch: int, steps: int):
+    results = {}
+    for depth in (12, 4):
+        per = {"ours": [], "reference": []}
+        for _ in range(RUNS):
+            for impl in ("reference", "ours"):
+                out = subprocess.run([sys.executable, __file__, "--worker", "train_step", impl, str(depth), str(batch),
+                                      str(steps)], capture_output=True, text=True, cwd=REPO)
+                if out.returncode:
+                    raise RuntimeError(out.stderr[-3000:])
+                per[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  train step depth {depth} {impl}: {per[impl][-1]}", flush=True)
+        results[depth] = {impl: {"images_per_s": summary([r["images_per_s"] for r in rs]),
+                                 "peak_rss_mib": summary([r["peak_rss_mib"] for r in rs])}
+                          for impl, rs in per.items()}
+    return results
+
+
+# --- input pipeline ---------------------------------------------------------------------------
+
+def write_photos(folder: str, count: int = 48) -> list:
+    """Real photographs shipped with scikit-image, re-encoded as ImageNet-like JPEGs (~500x375, q90)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    sources = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field",
+                 "immunohistochemistry", "motorcycle_left"):
+        try:
+            arr = getattr(skimage.data, name)()
+        except Exception:  # some samples need a download; use those on disk
+            continue
+        sources.append(Image.fromarray(np.asarray(arr)).convert("RGB"))
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        img = sources[i % len(sources)]
+        w, h = img.size
+        # different crops and orientations of each photo, resized to an ImageNet-typical 500x375 / 375x500
+        box = (i * 7 % max(1, w // 8), i * 5 % max(1, h // 8), w - i * 3 % max(1, w // 8), h - i * 11 % max(1, h // 8))
+        size = (500, 375) if i % 4 else (375, 500)
+        path = os.path.join(folder, f"photo_{i:03d}.jpg")
+        img.crop(box).resize(size, Image.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths, len(sources)
+
+
+def pipeline_rate(kind: str, paths: list, rounds: int = 3) -> float:
+    import torch
+    from PIL import Image
+
+    if kind == "reference":  # torchvision ImageFolder's loader + the reference transform
+        from torchvision import transforms as T
+        from torchvision.datasets.folder import pil_loader
+
+        t = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                       T.RandomHorizontalFlip(), T.ToTensor(),
+                       T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        start = time.perf_counter()
+        for _ in range(rounds):
+            batch = torch.stack([t(pil_loader(p)) for p in paths])
+        return rounds * len(paths) / (time.perf_counter() - start)
+    from d2v_plugin.data.transforms import RandomResizedCropFlip, normalize_batch
+
+    t = RandomResizedCropFlip(224, fast_decode=(kind == "ours (fast_decode)"))
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        imgs = []
+        for p in paths:
+            with Image.open(p) as img:
+                imgs.append(t(img, g))
+        batch = normalize_batch(torch.stack(imgs))
+    del batch
+    return rounds * len(paths) / (time.perf_counter() - start)
+
+
+def bench_pipeline():
+    import torch
+
+    torch.set_num_threads(1)  # one worker process = one core
+    folder = tempfile.mkdtemp(prefix="bench_photos_")
+    paths, n_sources = write_photos(folder)
+    kinds = ("reference", "ours", "ours (fast_decode)")
+    per = {k: [] for k in kinds}
+    for _ in range(RUNS):
+        for k in kinds:
+            per[k].append(pipeline_rate(k, paths))
+    shutil.rmtree(folder)
+    return {"photos": len(paths), "sources": n_sources, **{k: summary(v) for k, v in per.items()}}
+
+
+# --- start-up ---------------------------------------------------------------------------------
+
+def bench_startup(n_classes: int = 1000, per_class: int = 100):
+    from torchvision.datasets import ImageFolder
+
+    from d2v_plugin.data import index_split
+
+    root = tempfile.mkdtemp(prefix="bench_tree_")
+    for c in range(n_classes):
+        d = os.path.join(root, "train", f"n{c:08d}")
+        os.makedirs(d)
+        for j in range(per_class):
+            open(os.path.join(d, f"n{c:08d}_{j}.JPEG"), "wb").close()
+    per = {"imagefolder": [], "first scan": [], "cached": []}
+    for r in range(RUNS):
+        cache = os.path.join(root, f"cache{r}")
+        t = time.perf_counter()
+        ImageFolder(os.path.join(root, "train"))
+        per["imagefolder"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        index_split(root, "train", cache_dir=cache)
+        per["first scan"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        n = len(index_split(root, "train", cache_dir=cache))
+        per["cached"].append(time.perf_counter() - t)
+    shutil.rmtree(root)
+    return {"files": n, **{k: summary(v) for k, v in per.items()}}
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+def bench_end_to_end(updates: int):
+    """fairseq-hydra-train on the demo recipe: updates/s of ours; data2vec's path is run through
+    scripts/reference_train.py (fairseq-hydra-train with the shims) when it starts."""
+    work = tempfile.mkdtemp(prefix="bench_e2e_")
+    from d2v_plugin.demo_data import write_digits
+    from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
+    from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
+    import torch
+
+    write_digits(os.path.join(work, "data"))
+    torch.manual_seed(0)
+    save_data2vec_checkpoint(Data2Vec2ImageEncoder(EncoderConfig(embed_dim=128, depth=4, num_heads=4, patch_size=4,
+                                                                 image_size=32)), os.path.join(work, "init.pt"))
+    rates = []
+    for r in range(RUNS):
+        cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-hydra-train"), "--config-dir", "config",
+               "--config-name", "demo", "common.user_dir=d2v_plugin", f"task.data={work}/data",
+               f"model.pretrained_checkpoint={work}/init.pt", f"checkpoint.save_dir={work}/run{r}",
+               f"optimization.max_update={updates}", "optimization.max_epoch=0", "dataset.disable_validation=true",
+               "checkpoint.no_save=true", "common.log_format=json", f"common.log_interval={updates // 2}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-3000:])
+        ups = [float(json.loads(line.split(" - ", 1)[1])["ups"]) for line in (out.stdout + out.stderr).splitlines()
+               if "[train_inner][INFO] - {" in line]
+        rates.append(ups[-1])  # the second half: start-up excluded
+        print(f"  end to end run {r}: {ups[-1]:.2f} updates/s", flush=True)
+    shutil.rmtree(work)
+    return {"updates": updates, "ours": summary(rates)}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def machine():
+    import torch
+    import torchvision
+    import timm
+    import fairseq
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}, timm {timm.__version__}, fairseq {fairseq.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
+
+
+def write_markdown(results: dict, path: str):
+    lines = ["# Benchmarks", "", f"Measured by `make bench` ({results['date']}) on: {results['machine']}.",
+             f"Each figure: median (min–max) over {RUNS} runs, contenders interleaved.", ""]
+    if "train_step" in results:
+        b = results["train_step_batch"]
+        lines += ["## Train step (CPU, fp32)", "",
+                  f"Forward + soft-target cross-entropy + backward + AdamW step, batch {b}, 224 px, base width 768, "
+                  "same weights; the reference is data2vec's own model (`Data2VecMultiModel` via `examples/data2vec`, "
+                  "mean pooling + fc_norm + head as `mae_image_classification`). Peak memory is the process's max RSS.", "",
+                  "| depth | reference images/s | ours images/s | ratio ours/ref | reference peak MiB | ours peak MiB |",
+                  "|---|---|---|---|---|---|"]
+        for depth, r in results["train_step"].items():
+            ratio = r["ours"]["images_per_s"]["median"] / r["reference"]["images_per_s"]["median"]
+            lines.append(f"| {depth} | {fmt(r['reference']['images_per_s'], digits=2)} | {fmt(r['ours']['images_per_s'], digits=2)} | "
+                         f"{ratio:.2f} | {fmt(r['reference']['peak_rss_mib'], digits=0)} | {fmt(r['ours']['peak_rss_mib'], digits=0)} |")
+        lines.append("")
+    if "pipeline" in results:
+        p = results["pipeline"]
+        ref = p["reference"]["median"]
+        lines += ["## Input pipeline (one worker process, one core)", "",
+                  f"Train transform on {p['photos']} JPEGs made from {p['sources']} real photographs shipped with "
+                  "scikit-image, re-encoded at 500x375 / 375x500, quality 90: decode, RandomResizedCrop(224, "
+                  "scale=(0.08, 1), bicubic), flip, normalise. Reference: torchvision `ImageFolder`'s loader + "
+                  "the reference Compose.", "",
+                  "| pipeline | images/s | vs reference |", "|---|---|---|"]
+        for k in ("reference", "ours", "ours (fast_decode)"):
+            lines.append(f"| {k} | {fmt(p[k])} | {p[k]['median'] / ref:.2f}x |")
+        lines.append("")
+    if "startup" in results:
+        s = results["startup"]
+        lines += ["## Start-up: indexing a tree of image files", "",
+                  f"{s['files']:,} files in 1,000 class folders (page cache warm).", "",
+                  "| index | seconds | vs ImageFolder |", "|---|---|---|"]
+        for k in ("imagefolder", "first scan", "cached"):
+            lines.append(f"| {k} | {fmt(s[k], digits=3)} | {s['imagefolder']['median'] / s[k]['median']:.1f}x faster |")
+        lines.append("")
+    if "end_to_end" in results:
+        e = results["end_to_end"]
+        lines += ["## End to end: fairseq-hydra-train on the demo recipe", "",
+                  f"Updates/s over the second half of {e['updates']} updates (batch 32, 32 px digits, 4 blocks x 128).", "",
+                  f"- ours: {fmt(e['ours'], digits=2)} updates/s", ""]
+        lines += [results.get("end_to_end_note", ""), ""]
+    lines += ["## GPU", "", results.get("gpu_note", "No GPU was lent to the task that wrote this file; "
+              "`scripts/bench_gpu.py` is the prepared GPU measurement (batch 256, bf16 and fp16, depth 12 and 4)."), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", default=["train_step", "pipeline", "startup", "end_to_end"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+    args = parser.parse_args()
+    if args.worker:
+        _, impl, depth, batch, steps = args.worker
+        print(json.dumps(train_step_worker(impl, int(depth), int(batch), int(steps), warmup=1)))
+        return
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    if "startup" in args.only:
+        print("start-up ...", flush=True)
+        results["startup"] = bench_startup()
+    if "pipeline" in args.only:
+        print("input pipeline ...", flush=True)
+        results["pipeline"] = bench_pipeline()
+    if "train_step" in args.only:
+        print("train step ...", flush=True)
+        results["train_step"], results["train_step_batch"] = bench_train_step(args.batch, args.steps), args.batch
+    if "end_to_end" in args.only:
+        print("end to end ...", flush=True)
+        results["end_to_end"] = bench_end_to_end(updates=200)
+    with open(os.path.join(REPO, "bench_results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    write_markdown(results, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
