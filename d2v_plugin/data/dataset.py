@@ -33,7 +33,7 @@ class ImageFolderDataset(FairseqDataset):
     without touching the global RNG (fairseq prefetches batches in a thread while the model trains)."""
 
     def __init__(self, index: FolderIndex, transform, on_bad_image: str = "skip", shuffle: bool = True,
-                 seed: int = 1):
+                 seed: int = 1, normalize: bool = True):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"task.on_bad_image={on_bad_image!r}: use skip or error")
         self.index = index
@@ -41,6 +41,7 @@ class ImageFolderDataset(FairseqDataset):
         self.on_bad_image = on_bad_image
         self.shuffle = shuffle
         self.seed = seed
+        self.normalize = normalize  # False: batches stay uint8 and the consumer normalises (on the GPU)
         self.epoch = 1
         self.sizes = np.ones(len(index), dtype=np.int64)  # every image is one example
         self.bad_seen = 0
@@ -73,7 +74,7 @@ class ImageFolderDataset(FairseqDataset):
         if not good:
             return {}  # fairseq treats an empty sample as a dummy batch
         images = torch.stack([s["image"] for s in good])
-        if images.dtype == torch.uint8:  # the plugin's transforms leave normalisation to the batch
+        if images.dtype == torch.uint8 and self.normalize:  # the plugin's transforms leave it to the batch
             images = normalize_batch(images, self.transform.mean, self.transform.std)
         return {
             "id": torch.tensor([s["id"] for s in good]),

@@ -105,9 +105,9 @@ class ResizeCenterCrop:
 
 
 def normalize_batch(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32, scaled to [0, 1] and normalised (one pass over the batch)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    """uint8 [B, 3, H, W] -> float32, scaled to [0, 1] and normalised (one pass, on the batch's device)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
     return (images.float() - m) / s
 
 

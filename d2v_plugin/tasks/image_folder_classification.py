@@ -5,11 +5,13 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
+from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 from d2v_plugin.models.classifier import record_architecture
 
 logger = logging.getLogger(__name__)
@@ -84,12 +86,30 @@ class ImageFolderClassificationTask(FairseqTask):
                                         self.cfg.random_erasing, self.cfg.fast_decode)
         else:
             transform = eval_transform(self.cfg.image_size, self.cfg.eval_crop_ratio, self.cfg.fast_decode)
+        # batches stay uint8 until train_step / valid_step: a quarter of the bytes to copy to the GPU,
+        # and the normalisation runs there instead of in the data-loading workers
         self.datasets[split] = ImageFolderDataset(index, transform, self.cfg.on_bad_image, shuffle=is_train,
-                                                  seed=self.cfg.seed)
+                                                  seed=self.cfg.seed, normalize=False)
         # On resume fairseq starts prefetching the fast-forwarded epoch before it calls set_epoch:
         # the dataset must know its epoch from the start for the augmentation to match.
         self.datasets[split].set_epoch(epoch)
         logger.info(f"{split}: {len(index)} images in {index.split_dir}")
+
+    @staticmethod
+    def normalize_images(sample, model) -> None:
+        """uint8 images of a batch (already on the model's device) -> normalised, in the model's dtype."""
+        images = (sample or {}).get("net_input", {}).get("images")
+        if images is not None and images.dtype == torch.uint8:
+            dtype = next(model.parameters()).dtype
+            sample["net_input"]["images"] = normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD).to(dtype)
+
+    def train_step(self, sample, model, *args, **kwargs):
+        self.normalize_images(sample, model)
+        return super().train_step(sample, model, *args, **kwargs)
+
+    def valid_step(self, sample, model, criterion):
+        self.normalize_images(sample, model)
+        return super().valid_step(sample, model, criterion)
 
     def get_batch_iterator(self, dataset, *args, required_batch_size_multiple=1, **kwargs):
         # fairseq's batch_by_size drops the samples that do not fill a multiple of
