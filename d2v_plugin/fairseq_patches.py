@@ -12,6 +12,8 @@ import shutil
 
 from fairseq.file_io import PathManager
 
+from d2v_plugin.atomic import atomic_path
+
 _original_copy = PathManager.copy
 
 
@@ -20,13 +22,8 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         return _original_copy(src_path, dst_path, overwrite=overwrite)
     if os.path.exists(dst_path) and not overwrite:
         return False
-    tmp = f"{dst_path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(dst_path) as tmp:
         shutil.copyfile(src_path, tmp)
-        os.replace(tmp, dst_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return True
 
 

@@ -308,6 +308,10 @@ def write_markdown(results: dict, path: str):
 
 
 def main():
+    import logging
+
+    import d2v_plugin  # noqa: F401  (fairseq's import sets the root logger to DEBUG: PIL would log every file)
+    logging.getLogger().setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", default=["train_step", "pipeline", "startup", "end_to_end"])

@@ -127,3 +127,17 @@ def test_layer_decay_reaches_fairseqs_composite_optimizer():
         lr, wd = found[id(p)]
         assert lr == pytest.approx(1e-3 * scale), name
         assert wd == (0.0 if group == "no_decay" else 0.05), name
+
+
+def test_compiled_encoder_computes_the_same_logits_with_the_same_keys():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    eager = make(depth=1)
+    compiled = make(depth=1, compile_encoder=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    images = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(compiled.eval()(images), eager.eval()(images), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1  # it really went through torch.compile

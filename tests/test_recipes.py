@@ -10,7 +10,7 @@ from conftest import REPO
 CONFIG_DIR = os.path.join(REPO, "config")
 
 
-def resolve(name):
+def resolve(name, *extra):
     """What fairseq-hydra-train builds before training: hydra_init + the recipe + add_defaults + resolve."""
     from fairseq.dataclass.initialize import add_defaults, hydra_init
     from fairseq.dataclass.utils import omegaconf_no_object_check
@@ -19,7 +19,7 @@ def resolve(name):
     # no version_base, as fairseq's hydra.main: hydra 1.1 semantics, the recipe merged onto FairseqConfig
     with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(name, overrides=["common.user_dir=d2v_plugin", "task.data=/data/imagenet",
-                                       "model.pretrained_checkpoint=/ckpt/model.pt"])
+                                       "model.pretrained_checkpoint=/ckpt/model.pt", *extra])
     add_defaults(cfg)
     with omegaconf_no_object_check():
         return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
@@ -77,3 +77,11 @@ def test_recipes_keep_relative_paths_working(name):
     assert cfg.common.user_dir == "d2v_plugin"
     with open(os.path.join(CONFIG_DIR, f"{name}.yaml")) as f:
         assert "chdir: false" in f.read()
+
+
+def test_bf16_is_one_override_of_the_table_1_recipe():
+    fp16 = resolve("distilled_imagenet")
+    bf16 = resolve("distilled_imagenet", "common.fp16=false", "common.bf16=true")
+    assert bf16.common.bf16 is True and bf16.common.fp16 is False
+    for section in ("task", "model", "criterion", "optimization", "optimizer", "dataset", "checkpoint"):
+        assert OmegaConf.to_container(bf16[section]) == OmegaConf.to_container(fp16[section]), section

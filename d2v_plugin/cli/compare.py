@@ -6,14 +6,13 @@ RUN_DIR is a run's checkpoint.save_dir (the recipes keep hydra's log, hydra/hydr
 any folder holding fairseq log files (*.log), in fairseq's json or simple format. Writes
 val_top1.png (validation top-1 per epoch), train_loss.png and lr.png (per update), and report.md.
 """
-import argparse
 import glob
 import json
 import os
 import re
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.cli.common import fail_cleanly, make_parser
 
 LINE = re.compile(r"\]\[(?P<tag>[^\]]+)\]\[INFO\] - (?P<body>.*)$")
 PARAMS = re.compile(r"num\. shared model params: ([\d,]+) \(num\. trained: ([\d,]+)\)")
@@ -185,7 +184,7 @@ def compare(run_dirs, out_dir, labels=None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, trust_flag=False)
     parser.add_argument("runs", nargs="+", help="run folders (checkpoint.save_dir of each run)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per run (default: folder names)")

@@ -3,11 +3,10 @@ compact encoder-only file (weights + architecture; no optimizer, EMA or decoder)
 
     python -m d2v_plugin.cli.convert SRC --out DST [--depth N]
 """
-import argparse
 import os
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.models.checkpoints import COMPACT_FORMAT, atomic_torch_save, read_encoder_checkpoint
 
 
@@ -22,12 +21,11 @@ def convert(src: str, out: str, depth=None, prefix=None, trust=False) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("src", help="data2vec 2.0 checkpoint, Lightning student checkpoint or bare state dict")
     parser.add_argument("--out", required=True, help="where to write the compact encoder file")
     parser.add_argument("--depth", type=int, default=None, help="keep the first N blocks (prenet blocks first)")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in SRC (default: found)")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     args = parser.parse_args(argv)
     with fail_cleanly():
         info = convert(args.src, args.out, args.depth, args.prefix, args.trust_checkpoint)

@@ -4,14 +4,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 from tqdm import tqdm
 
-from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.data import ImageFolderDataset, index_split
 from d2v_plugin.inference import load_classifier
 
@@ -38,14 +37,13 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (e.g. checkpoint_best.pt)")
     parser.add_argument("--data", required=True, help="root holding <split>/<class>/<image>")
     parser.add_argument("--split", default="val")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
     parser.add_argument("--cache-dir", default=None, help="folder-index cache (default ~/.cache/d2v_plugin/index)")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     args = parser.parse_args(argv)
     with fail_cleanly():
         model = load_classifier(args.checkpoint, trust=args.trust_checkpoint)

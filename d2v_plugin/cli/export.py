@@ -5,12 +5,12 @@
 config.json holds the architecture, pooling, class names in label order, image size and the
 normalisation; ``d2v_plugin.load_classifier(DIR)`` loads it back (no pickle involved).
 """
-import argparse
 import json
 import os
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.atomic import atomic_path
+from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
 
 
@@ -27,19 +27,17 @@ def export(checkpoint: str, out: str, trust: bool = False) -> dict:
         "source": os.path.abspath(checkpoint),
     }
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    for name, write in (("model.safetensors", lambda p: save_file(weights, p)),
-                        ("config.json", lambda p: open(p, "w").write(json.dumps(meta, indent=2) + "\n"))):
-        final = os.path.join(out, name)
-        write(final + ".tmp")
-        os.replace(final + ".tmp", final)
+    with atomic_path(os.path.join(out, "model.safetensors")) as tmp:
+        save_file(weights, tmp)
+    with atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     args = parser.parse_args(argv)
     with fail_cleanly():
         meta = export(args.checkpoint, args.out, args.trust_checkpoint)

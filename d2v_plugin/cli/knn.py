@@ -7,7 +7,6 @@ image votes with its k most cosine-similar train images, each weighted exp(simil
 kNN evaluation does. CHECKPOINT is any encoder the model accepts (data2vec 2.0, Lightning student,
 converted file) or a fine-tuned checkpoint. Prints one JSON line {"top1", "top5", "k", "n", ...}.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.data import ImageFolderDataset, eval_transform, index_split
 from d2v_plugin.models.checkpoints import atomic_torch_save, load_encoder_state, read_encoder_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
@@ -92,7 +91,7 @@ def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("checkpoint", help="pretrained encoder or fine-tuned checkpoint")
     parser.add_argument("--data", required=True, help="root holding train/ and val/ class folders")
     parser.add_argument("--k", type=int, default=20)
@@ -105,7 +104,6 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-ratio", type=float, default=0.875, help="resize to size/ratio, centre-crop size")
     parser.add_argument("--cache", default=None, help="folder to keep computed features in, for reuse")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoint")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     args = parser.parse_args(argv)
     with fail_cleanly():
         if args.k < 1:

@@ -5,13 +5,12 @@
 MODEL is a trainer checkpoint or an export folder. An unreadable image gives
 {"image": ..., "error": ...} and the others continue; the exit status is 1 if any failed.
 """
-import argparse
 import json
 import sys
 
 import torch
 
-from d2v_plugin.cli.common import fail_cleanly
+from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.data import load_rgb
 from d2v_plugin.inference import load_classifier
 
@@ -33,11 +32,10 @@ def predict(model, paths, topk: int = 5):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("model", help="fine-tuned checkpoint or export folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     args = parser.parse_args(argv)
     with fail_cleanly():
         model = load_classifier(args.model, trust=args.trust_checkpoint)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from d2v_plugin.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -108,10 +110,8 @@ def _read_cache(cache_file: str):
 
 def _write_cache(cache_file: str, scan: dict) -> None:
     try:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        tmp = f"{cache_file}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **scan)
-        os.replace(tmp, cache_file)  # never leaves a half-written cache behind
+        with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **scan)
     except OSError as err:
         logger.warning(f"could not write the index cache {cache_file}: {err}")
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from d2v_plugin.atomic import atomic_path
 from d2v_plugin.models.encoder import EncoderConfig
 
 D2V_ANCHOR = "modality_encoders.IMAGE.local_encoder.proj.weight"
@@ -318,12 +319,5 @@ def save_data2vec_checkpoint(encoder, path: str, prenet_depth: int = 2) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """Write then rename: a killed process never leaves a half-written file under the final name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
