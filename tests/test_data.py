@@ -190,3 +190,22 @@ def test_a_batch_of_only_bad_images_collates_to_an_empty_sample(tmp_path, cache_
     ds = ImageFolderDataset(index, eval_transform(16, 1.0), shuffle=False)
     bad = [index.files.index(os.path.join("a", n)) for n in ("corrupt.jpg", "empty.jpg")]
     assert ds.collater([ds[i] for i in bad]) == {}
+
+
+def test_preresize_writes_a_smaller_copy_with_the_same_tree(tmp_path, cache_dir):
+    from d2v_plugin.cli.preresize import preresize
+
+    src = tmp_path / "src"
+    for split, cls in (("train", "a"), ("train", "b"), ("val", "a")):
+        (src / split / cls).mkdir(parents=True)
+        Image.new("RGB", (640, 480), (10, 200, 30)).save(src / split / cls / "big.jpg", quality=90)
+        Image.new("L", (100, 80), 50).save(src / split / cls / "small.png")
+    (src / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    n, failed = preresize(str(src), str(tmp_path / "out"), short_side=120, workers=1)
+    assert n == 7 and len(failed) == 1 and "broken.jpg" in failed[0]
+    with Image.open(tmp_path / "out" / "train" / "b" / "big.jpg") as img:
+        assert img.size == (160, 120) and img.mode == "RGB"
+    with Image.open(tmp_path / "out" / "val" / "a" / "small.jpg") as img:
+        assert img.size == (100, 80) and img.mode == "RGB"
+    train = index_split(str(tmp_path / "out"), "train", cache_dir=cache_dir)
+    assert train.classes == ["a", "b"] and len(train) == 4
