@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for depth in 2 4; do
+  rm -rf demo_work/depth$depth  # a fresh run, not a resume of an earlier one
   .venv/bin/fairseq-hydra-train --config-dir config --config-name demo common.user_dir=d2v_plugin \
     task.data=demo_work/data model.pretrained_checkpoint=demo_work/init.pt model.depth=$depth \
     checkpoint.save_dir=demo_work/depth$depth
