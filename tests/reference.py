@@ -89,10 +89,13 @@ def save_like_fairseq(model, cfg, path):
     from fairseq import checkpoint_utils
     from omegaconf import OmegaConf
 
-    full = OmegaConf.create({"model": OmegaConf.structured(cfg), "task": {"_name": "mae_image_pretraining"}})
+    full = OmegaConf.create({"model": OmegaConf.structured(cfg), "task": {"_name": "mae_image_pretraining"},
+                             "optimization": {"max_update": 375300}, "common": {"seed": 1}})
+    OmegaConf.set_struct(full, False)
+    full.model._name = "data2vec_multi"
     state = {
         "args": None,
-        "cfg": OmegaConf.to_container(full, resolve=False, enum_to_str=True),
+        "cfg": OmegaConf.to_container(full, resolve=True, enum_to_str=True),
         "model": model.state_dict(),
         "criterion": None,
         "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam",

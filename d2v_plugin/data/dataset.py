@@ -11,7 +11,7 @@ from fairseq.data import FairseqDataset
 from PIL import Image
 
 from d2v_plugin.data.index import DataError, FolderIndex
-from d2v_plugin.data.transforms import RandomResizedCropFlip, ResizeCenterCrop, normalize_batch, to_rgb
+from d2v_plugin.data.transforms import RandomResizedCropFlip, ResizeCenterCrop, normalize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +54,22 @@ class ImageFolderDataset(FairseqDataset):
 
     def __getitem__(self, i: int) -> dict:
         path = os.path.join(self.index.split_dir, self.index.files[i])
+        plugin = isinstance(self.transform, PLUGIN_TRANSFORMS)
         try:
             with Image.open(path) as img:
-                if isinstance(self.transform, PLUGIN_TRANSFORMS):
+                if plugin:  # the plugin's transforms decode the file themselves (drafted JPEG decoding)
                     g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
                     image = self.transform(img, g)
-                else:  # timm's transforms (RandAugment path) take a decoded RGB image
-                    image = self.transform(to_rgb(img))
+                else:
+                    decoded = img.convert("RGB")  # decoded now, a copy that outlives the file
         except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
             if self.on_bad_image == "error":
                 raise DataError(f"unreadable image {path}: {err} (task.on_bad_image=skip skips such files)") from None
             self.bad_seen += 1
             logger.warning(f"skipping unreadable image {path}: {err} ({self.bad_seen} skipped in this process)")
             return {"id": i, "image": None, "target": self.index.labels[i]}
+        if not plugin:  # timm's transforms (RandAugment path): their errors are bugs, not bad files
+            image = self.transform(decoded)
         return {"id": i, "image": image, "target": self.index.labels[i]}
 
     def collater(self, samples: list[dict]) -> dict:

@@ -111,6 +111,26 @@ def normalize_batch(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) 
     return (images.float() - m) / s
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, keeping timm's meaning at 0 bits: Pillow >= 10 refuses ``bits=0``, which
+    RandAugment's increasing posterize ('inc1' policies, level 10) asks for; 0 bits kept is black,
+    what Pillow computed before it refused."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def install_timm_posterize_fix() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def train_transform(image_size: int = 224, scale=(0.08, 1.0), auto_augment: str | None = None,
                     random_erasing: float = 0.0, fast_decode: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """RandomResizedCrop(bicubic) + horizontal flip (normalised in the collater): the augmentation the
@@ -120,6 +140,7 @@ def train_transform(image_size: int = 224, scale=(0.08, 1.0), auto_augment: str 
     if auto_augment or random_erasing:
         from timm.data import create_transform
 
+        install_timm_posterize_fix()
         return create_transform(
             input_size=image_size, is_training=True, scale=tuple(scale), auto_augment=auto_augment,
             interpolation="bicubic", re_prob=random_erasing, re_mode="pixel", re_count=1, mean=mean, std=std,
