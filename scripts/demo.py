@@ -36,7 +36,7 @@ def main() -> int:
     train = [
         os.path.join(bin_dir, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
         "common.user_dir=d2v_plugin", f"task.data={WORK}/data", f"model.pretrained_checkpoint={WORK}/init.pt",
-        f"checkpoint.save_dir={WORK}/run", f"common.tensorboard_logdir=",
+        f"checkpoint.save_dir={WORK}/run", "common.tensorboard_logdir=",
     ]
     print("+ " + " ".join(train), flush=True)
     subprocess.run(train, check=True)

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny encoders, tiny checkpoints and tiny image folders, built on the spot."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 import d2v_plugin  # noqa: F401  (registers the task, model and criterion)
 from d2v_plugin.demo_data import write_random_images
+from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,3 +39,47 @@ def image_root(tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     return str(tmp_path / "index_cache")
+
+
+def train_cmd(tmp_path, data, save_dir, *overrides, init=None, batch_size=4, max_update=12, launcher=(),
+              user_dir="d2v_plugin"):
+    """fairseq-hydra-train on the demo recipe scaled down to the tiny image folders (2 epochs of 24 px
+    images, 3 classes); writes a tiny data2vec-format init checkpoint when none is given."""
+    init = init or tmp_path / "init.pt"
+    if not os.path.exists(init):
+        save_data2vec_checkpoint(tiny_encoder(), str(init), prenet_depth=2)
+    return [*launcher, os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config",
+            "--config-name", "demo", f"common.user_dir={user_dir}", f"task.data={data}",
+            f"model.pretrained_checkpoint={init}", f"checkpoint.save_dir={save_dir}",
+            f"task.cache_dir={tmp_path / 'cache'}", "task.image_size=24", "model.num_classes=3",
+            f"dataset.batch_size={batch_size}", "optimization.max_epoch=2", f"optimization.max_update={max_update}",
+            "optimizer.groups.default.lr_scheduler.warmup_updates=2",
+            "optimizer.groups.no_decay.lr_scheduler.warmup_updates=2", "common.log_interval=1", *overrides]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kw)
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def json_records(output, kind):
+    """fairseq's JSON log lines of one kind ('train', 'val', ...); it writes numbers as strings."""
+    out = []
+    for line in output.splitlines():
+        if f"[{kind}][INFO] - {{" in line:
+            out.append({k: _number(v) for k, v in json.loads(line.split(" - ", 1)[1]).items()})
+    return out
+
+
+def exception_line(stderr, prefixes=("d2v_plugin.",)):
+    """The exception line hydra prints last (before its HYDRA_FULL_ERROR hint): exactly one."""
+    lines = [line for line in stderr.splitlines() if line.startswith(prefixes)]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]

@@ -8,44 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, VENV_BIN, tiny_encoder
-from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
+from conftest import REPO, exception_line, json_records, run, train_cmd
 
 pytestmark = pytest.mark.slow
 
 
 def train(tmp_path, data, *overrides, init=None):
     """Run fairseq-hydra-train on the demo recipe scaled down; returns the completed process."""
-    if init is None:
-        init = tmp_path / "init.pt"
-        save_data2vec_checkpoint(tiny_encoder(), str(init), prenet_depth=2)
-    cmd = [
-        os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
-        "common.user_dir=d2v_plugin", f"task.data={data}", f"model.pretrained_checkpoint={init}",
-        f"checkpoint.save_dir={tmp_path / 'run'}", f"task.cache_dir={tmp_path / 'cache'}",
-        "task.image_size=24", "model.num_classes=3", "dataset.batch_size=8", "optimization.max_epoch=2",
-        "optimization.max_update=6", "common.log_format=json", "common.log_interval=1",
-        "optimizer.groups.default.lr_scheduler.warmup_updates=2",
-        "optimizer.groups.no_decay.lr_scheduler.warmup_updates=2", *overrides,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-
-
-def number(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def json_records(output, kind):
-    """fairseq's JSON log lines of one kind ('train', 'val', ...); it writes numbers as strings."""
-    out = []
-    for line in output.splitlines():
-        if f"[{kind}][INFO] - {{" in line:
-            out.append({k: number(v) for k, v in json.loads(line.split(" - ", 1)[1]).items()})
-    return out
+    return run(train_cmd(tmp_path, data, tmp_path / "run", "common.log_format=json", *overrides, init=init,
+                         batch_size=8, max_update=6))
 
 
 def evaluate(checkpoint, data, *extra):
@@ -106,13 +77,6 @@ def test_on_bad_image_error_stops_naming_the_file(tmp_path, image_root):
     assert "unreadable image" in run.stderr and ("corrupt.jpg" in run.stderr or "empty.jpg" in run.stderr)
 
 
-def error_line(stderr):
-    """The exception line hydra prints last (before its HYDRA_FULL_ERROR hint)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("d2v_plugin.")]
-    assert len(lines) == 1, stderr[-2000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("case,expected", [
     ("empty_split", "val: no image files found"),
     ("missing_split", "split folder not found"),
@@ -137,5 +101,5 @@ def test_data_problems_stop_with_one_clear_error(tmp_path, image_root, case, exp
         overrides.append("task.data=/no/such/folder")
     run = train(tmp_path, image_root, *overrides)
     assert run.returncode != 0
-    line = error_line(run.stderr)
+    line = exception_line(run.stderr)
     assert line.startswith("d2v_plugin.data.index.DataError: ") and expected in line, run.stderr[-2000:]

@@ -10,28 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, VENV_BIN, tiny_encoder
+from conftest import REPO, VENV_BIN, exception_line, json_records, run, tiny_encoder, train_cmd
 from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
-from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def train_cmd(tmp_path, data, save_dir, *overrides, init=None, launcher=(), user_dir="d2v_plugin"):
-    init = init or tmp_path / "init.pt"
-    if not os.path.exists(init):
-        save_data2vec_checkpoint(tiny_encoder(), str(init), prenet_depth=2)
-    return [*launcher, os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config",
-            "--config-name", "demo", f"common.user_dir={user_dir}", f"task.data={data}",
-            f"model.pretrained_checkpoint={init}", f"checkpoint.save_dir={save_dir}",
-            f"task.cache_dir={tmp_path / 'cache'}", "task.image_size=24", "model.num_classes=3",
-            "dataset.batch_size=4", "optimization.max_epoch=2", "optimization.max_update=12",
-            "optimizer.groups.default.lr_scheduler.warmup_updates=2",
-            "optimizer.groups.no_decay.lr_scheduler.warmup_updates=2", "common.log_interval=1", *overrides]
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
 
 
 def weights(path):
@@ -102,15 +84,6 @@ CPU_DDP = ["common.cpu=true", "distributed_training.distributed_world_size=2",
 NO_MIXUP = ["criterion.mixup_alpha=0", "criterion.cutmix_alpha=0"]
 
 
-def val_records(output):
-    import json
-    out = []
-    for line in output.splitlines():
-        if "[val][INFO] - {" in line:
-            out.append(json.loads(line.split(" - ", 1)[1]))
-    return out
-
-
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     from d2v_plugin.demo_data import write_random_images
@@ -127,9 +100,9 @@ def single_process(tmp_path_factory):
 def check_same_as_single_process(tmp, save_dir, output):
     diff = max_diff(weights(tmp / "single" / "checkpoint_last.pt"), weights(save_dir / "checkpoint_last.pt"))
     assert diff < 1e-5, diff
-    records = val_records(output)
+    records = json_records(output, "val")
     assert records and all(float(r["val_n"]) == 15 for r in records)  # all 15 val images, once
-    single = val_records((tmp / "single" / "hydra" / "hydra_train.log").read_text())
+    single = json_records((tmp / "single" / "hydra" / "hydra_train.log").read_text(), "val")
     assert [r["val_accuracy"] for r in records] == [r["val_accuracy"] for r in single]
 
 
@@ -220,12 +193,7 @@ def test_nan_loss_stops_the_run_naming_the_update_and_keeps_weights_clean(tmp_pa
 
 # --- clear errors for wrong settings ------------------------------------------------------------
 
-def plugin_error_line(stderr):
-    """The exception line hydra prints last: one line naming the setting and the fix."""
-    lines = [line for line in stderr.splitlines()
-             if line.startswith(("d2v_plugin.", "ValueError: ", "FileNotFoundError: "))]
-    assert len(lines) == 1, stderr[-2000:]
-    return lines[0]
+PLUGIN_ERRORS = ("d2v_plugin.", "ValueError: ", "FileNotFoundError: ")
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -241,7 +209,7 @@ def plugin_error_line(stderr):
 def test_wrong_settings_stop_with_one_line_naming_the_setting(tmp_path, image_root, overrides, expected):
     result = run(train_cmd(tmp_path, image_root, tmp_path / "run", *overrides))
     assert result.returncode != 0
-    assert expected in plugin_error_line(result.stderr)
+    assert expected in exception_line(result.stderr, PLUGIN_ERRORS)
 
 
 # --- untrusted files ---------------------------------------------------------------------------
@@ -284,7 +252,7 @@ def test_malicious_pickle_is_refused_as_pretrained_checkpoint(tmp_path, image_ro
     path, marker = evil
     result = run(train_cmd(tmp_path, image_root, tmp_path / "run", init=path))
     assert result.returncode != 0 and not marker.exists()
-    assert "model.trust_checkpoint=true" in plugin_error_line(result.stderr)
+    assert "model.trust_checkpoint=true" in exception_line(result.stderr, PLUGIN_ERRORS)
 
 
 def test_malicious_pickle_is_refused_by_load_classifier(evil):

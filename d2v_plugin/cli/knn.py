@@ -18,16 +18,15 @@ from tqdm import tqdm
 
 from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.data import ImageFolderDataset, eval_transform, index_split
-from d2v_plugin.models.checkpoints import atomic_torch_save, load_encoder_state, read_encoder_checkpoint
+from d2v_plugin.models.checkpoints import atomic_torch_save
+from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, build_encoder
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
 
 
 def load_encoder(path: str, image_size=None, trust=False, prefix=None) -> Data2Vec2ImageEncoder:
-    cfg, state = read_encoder_checkpoint(path, trust=trust, prefix=prefix)
-    cfg.image_size = image_size or cfg.image_size
-    encoder = Data2Vec2ImageEncoder(cfg)
-    load_encoder_state(encoder, state, path)
-    return encoder.eval()
+    """The frozen encoder of any checkpoint the model accepts, read as fine-tuning reads it."""
+    cfg = Data2Vec2ClassifierConfig(pretrained_checkpoint=path, trust_checkpoint=trust, checkpoint_prefix=prefix)
+    return build_encoder(cfg, image_size=image_size).eval()
 
 
 @torch.no_grad()
