@@ -31,6 +31,12 @@ def reference_module():
     return module
 
 
+def rotated(items, r):
+    """Run r's order: each candidate takes each position in turn (no one always runs first)."""
+    items = list(items)
+    return items[r % len(items):] + items[:r % len(items)]
+
+
 def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -82,8 +88,8 @@ def bench_train_step(batch: int, steps: int):
     results = {}
     for depth in (12, 4):
         per = {"ours": [], "reference": []}
-        for _ in range(RUNS):
-            for impl in ("reference", "ours"):
+        for r in range(RUNS):
+            for impl in rotated(("reference", "ours"), r):
                 out = subprocess.run([sys.executable, __file__, "--worker", "train_step", impl, str(depth), str(batch),
                                       str(steps)], capture_output=True, text=True, cwd=REPO)
                 if out.returncode:
@@ -149,9 +155,11 @@ def pipeline_rate(kind: str, paths: list, rounds: int = 3) -> float:
     start = time.perf_counter()
     for _ in range(rounds):
         imgs = []
-        for p in paths:
-            with Image.open(p) as img:
-                imgs.append(t(img, g))
+        for p in paths:  # as ImageFolderDataset.__getitem__ does it
+            with open(p, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as img:
+                imgs.append(t(img, g, data))
         batch = torch.stack(imgs)
     del batch
     return rounds * len(paths) / (time.perf_counter() - start)
@@ -171,8 +179,8 @@ def bench_pipeline():
         small = sorted(os.path.join(folder, "small", os.path.basename(p)) for p in paths)
         kinds = ("reference", "ours", "ours (fast_decode)", "ours (preresize 256)")
         per = {k: [] for k in kinds}
-        for _ in range(RUNS):
-            for k in kinds:
+        for r in range(RUNS):
+            for k in rotated(kinds, r):
                 per[k].append(pipeline_rate(k, small) if k == "ours (preresize 256)" else pipeline_rate(k, paths))
         shutil.rmtree(folder)
         out[label] = {"photos": len(paths), "sources": n_sources, **{k: summary(v) for k, v in per.items()}}
@@ -234,7 +242,7 @@ def bench_end_to_end(updates: int):
     }
     per = {"ours": [], "reference": []}
     for r in range(RUNS):
-        for name, cmd in commands.items():
+        for name, cmd in rotated(list(commands.items()), r):
             extra = [f"checkpoint.save_dir={work}/{name}{r}"]
             out = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=REPO)
             if out.returncode:
@@ -268,7 +276,7 @@ def machine():
 
 def write_markdown(results: dict, path: str):
     lines = ["# Benchmarks", "", f"Measured by `make bench` ({results['date']}) on: {results['machine']}.",
-             f"Each figure: median (min–max) over {RUNS} runs, contenders interleaved.", ""]
+             f"Each figure: median (min–max) over {RUNS} runs, contenders interleaved, the order rotated each run.", ""]
     if "train_step" in results:
         b = results["train_step_batch"]
         lines += ["## Train step (CPU, fp32)", "",
@@ -289,8 +297,11 @@ def write_markdown(results: dict, path: str):
                   "with scikit-image, re-encoded at the size given (and its portrait twin), quality 90: decode, "
                   "RandomResizedCrop(224, scale=(0.08, 1), bicubic), flip, batch. Reference: torchvision "
                   "`ImageFolder`'s loader + `Compose([RandomResizedCrop, RandomHorizontalFlip, ToTensor, "
-                  "Normalize])`, normalised in the worker. Ours: the task's worker output, uint8 batches that the "
-                  "task normalises on the training device; `fast_decode` = `task.fast_decode=true`; `preresize 256` = "
+                  "Normalize])`, normalised in the worker (PIL decode, PIL crop + bicubic resize). Ours: the task's "
+                  "worker output (TorchCodec's libjpeg-turbo decode straight into a tensor, torch's uint8 "
+                  "antialiased bicubic resize of the crop, same pixels within rounding), uint8 batches that the "
+                  "task normalises on the training device; `fast_decode` = `task.fast_decode=true` (DCT-scaled "
+                  "decoding of crops >= 2x the output); `preresize 256` = "
                   "the same photos after `python -m d2v_plugin.cli.preresize --short-side 256` (a trade-off: less "
                   "detail in large crops).", "",
                   "| photos | pipeline | images/s | vs reference |", "|---|---|---|---|"]

@@ -137,18 +137,103 @@ def test_fast_decode_keeps_crops_and_stays_close_to_full_decode(tmp_path):
     base = rng.integers(0, 256, (47, 63, 3), dtype=np.uint8)  # smooth photo-like content, upscaled
     Image.fromarray(base).resize((1000, 750), Image.BICUBIC).save(tmp_path / "big.jpg", quality=90)
     plain, fast = (RandomResizedCropFlip(64, fast_decode=f) for f in (False, True))
-    diffs, other = [], []
+    diffs, other, drafted = [], [], 0
     for s in range(20):
         with Image.open(tmp_path / "big.jpg") as a, Image.open(tmp_path / "big.jpg") as b:
             x = plain(a, torch.Generator().manual_seed(s)).float()
             y = fast(b, torch.Generator().manual_seed(s)).float()
+            drafted += b.size != a.size
         with Image.open(tmp_path / "big.jpg") as c:
             z = fast(c, torch.Generator().manual_seed(s + 1000)).float()
         diffs.append((x - y).abs().mean().item())
         other.append((x - z).abs().mean().item())
-    # mean abs difference in 0..255 levels: the same crops, resampled from a reduced decode, versus
-    # what another crop of the same image gives
-    assert np.mean(diffs) < 8.0 and np.mean(other) > 4 * np.mean(diffs), (np.mean(diffs), np.mean(other))
+    # mean abs difference in 0..255 levels: the same crops, resampled from a reduced decode (box edges
+    # within half a reduced pixel), versus what another crop of the same image gives
+    assert drafted >= 10  # most of these crops are >= 2x the output: the reduced decode really ran
+    assert np.mean(diffs) < 12.0 and np.mean(other) > 5 * np.mean(diffs), (np.mean(diffs), np.mean(other))
+
+
+def test_drafted_box_maps_the_crop_onto_the_reduced_grid(tmp_path):
+    from d2v_plugin.data.transforms import drafted_box
+
+    Image.new("RGB", (1000, 750), (90, 30, 60)).save(tmp_path / "big.jpg")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        box = sample_crop(1000, 750, generator=g)
+        with Image.open(tmp_path / "big.jpg") as img:
+            reduced = drafted_box(img, box, 64, 64)
+            if min(box[2], box[3]) < 128:
+                assert reduced is None and img.size == (1000, 750)
+                continue
+            sx, sy = img.size[0] / 1000, img.size[1] / 750
+            assert sx in (1 / 2, 1 / 4, 1 / 8) and min(reduced[2], reduced[3]) >= 64
+            exact = (box[0] * sx, box[1] * sy, (box[0] + box[2]) * sx, (box[1] + box[3]) * sy)
+            got = (reduced[0], reduced[1], reduced[0] + reduced[2], reduced[1] + reduced[3])
+            assert max(abs(e - r) for e, r in zip(exact, got)) <= 0.5
+
+
+def photos():
+    from skimage import data
+
+    return {name: Image.fromarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea")}
+
+
+def test_crop_resize_matches_torchvisions_random_resized_crop_within_rounding():
+    import torchvision.transforms.functional as TF
+    from d2v_plugin.data.transforms import hwc_tensor, resize_crop
+
+    g = torch.Generator().manual_seed(0)
+    for name, img in photos().items():
+        means, off = [], []
+        for _ in range(40):  # shrinking, enlarging, and one side each
+            left, top, w, h = sample_crop(*img.size, generator=g)
+            ours = resize_crop(hwc_tensor(img), left, top, w, h, 224, 224).int()
+            ref = TF.resized_crop(img, top, left, h, w, [224, 224], TF.InterpolationMode.BICUBIC)
+            d = (ours - torch.from_numpy(np.array(ref)).permute(2, 0, 1).int()).abs()
+            means.append(d.float().mean().item())
+            off.append((d > 1).float().mean().item())
+        # torch's uint8 kernel rounds its two passes differently from PIL's: a level here and there
+        assert np.mean(means) < 0.1 and max(means) < 0.5 and max(off) < 0.005, (name, max(means), max(off))
+
+
+@pytest.mark.parametrize("mode,options", [("RGB", {}), ("L", {}), ("RGB", {"progressive": True}),
+                                          ("RGB", {"subsampling": 0}), ("CMYK", {})])
+def test_jpeg_decoder_gives_pils_pixels(tmp_path, monkeypatch, mode, options):
+    import torchcodec.decoders
+    from d2v_plugin.data.transforms import decode
+
+    calls, real = [], torchcodec.decoders.decode_jpeg
+    monkeypatch.setattr(torchcodec.decoders, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    img = photos()["coffee"].convert(mode)
+    img.save(tmp_path / "a.jpg", quality=90, **options)
+    data = (tmp_path / "a.jpg").read_bytes()
+    with Image.open(tmp_path / "a.jpg") as a, Image.open(tmp_path / "a.jpg") as b:
+        fast, pil = decode(a, data), decode(b)  # with the bytes: TorchCodec where it applies
+    assert len(calls) == (0 if mode == "CMYK" else 1)  # CMYK keeps PIL's conversion
+    assert fast.shape == (3, 400, 600) and torch.equal(fast, pil)
+
+
+def test_jpeg_with_exif_rotation_is_decoded_unrotated_like_pil(tmp_path):
+    from d2v_plugin.data.transforms import decode
+
+    img = photos()["coffee"]
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90": ImageFolder's PIL loader ignores it, TorchCodec would apply it
+    img.save(tmp_path / "r.jpg", quality=90, exif=exif.tobytes())
+    with Image.open(tmp_path / "r.jpg") as a:
+        out = decode(a, (tmp_path / "r.jpg").read_bytes())
+    assert out.shape == (3, 400, 600)
+
+
+def test_truncated_jpeg_is_an_os_error_from_either_decoder(tmp_path):
+    from d2v_plugin.data.transforms import decode
+
+    photos()["coffee"].save(tmp_path / "a.jpg", quality=90)
+    data = (tmp_path / "a.jpg").read_bytes()[:20000]
+    (tmp_path / "t.jpg").write_bytes(data)
+    for given in (data, None):
+        with Image.open(tmp_path / "t.jpg") as img, pytest.raises(OSError, match="truncated"):
+            decode(img, given)
 
 
 def write_bad_files(folder):

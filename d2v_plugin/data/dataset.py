@@ -1,6 +1,7 @@
 """The fairseq dataset over an image-folder index: decode to RGB, transform, skip or stop on bad images."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -56,10 +57,12 @@ class ImageFolderDataset(FairseqDataset):
         path = os.path.join(self.index.split_dir, self.index.files[i])
         plugin = isinstance(self.transform, PLUGIN_TRANSFORMS)
         try:
-            with Image.open(path) as img:
-                if plugin:  # the plugin's transforms decode the file themselves (drafted JPEG decoding)
+            with open(path, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as img:
+                if plugin:  # the plugin's transforms decode the file themselves (from the header's size on)
                     g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
-                    image = self.transform(img, g)
+                    image = self.transform(img, g, data)
                 else:
                     decoded = img.convert("RGB")  # decoded now, a copy that outlives the file
         except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
