@@ -334,7 +334,8 @@ def write_markdown(results: dict, path: str):
                 lines.append(f"| {k} | {fmt(e[k], digits=2)} | {e[k]['median'] / e['reference']['median']:.2f}x |")
         lines.append("")
     lines += ["## GPU", "", results.get("gpu_note", "No GPU was lent to the task that wrote this file; "
-              "`scripts/bench_gpu.py` is the prepared GPU measurement (batch 256, bf16 and fp16, depth 12 and 4)."), ""]
+              "`scripts/bench_gpu.py` is the prepared GPU measurement (batch 256, bf16 and fp16, depth 12 and 4, "
+              "and `task.device_decode`'s batched nvJPEG decode + crop resize)."), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

@@ -1,5 +1,6 @@
 """GPU train-step benchmark, prepared for a lent GPU (under 8 minutes on an H100/H200):
-ours vs data2vec's own model at batch 256, bf16 and fp16 autocast, depth 12 and 4, 224 px.
+ours vs data2vec's own model at batch 256, bf16 and fp16 autocast, depth 12 and 4, 224 px; and
+``task.device_decode``'s batch decode + crop resize (TorchCodec nvJPEG) of 500x375 photos on the GPU.
 
     python scripts/bench_gpu.py [--out bench_gpu.json] [--steps 20]
 
@@ -71,6 +72,37 @@ def measure(model, dtype, batch, steps, warmup=3):
     return batch / statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
+def measure_device_decode(batch, repeats, device="cuda"):
+    """Images/s of decode_crops on the GPU: a batch of 500x375 q90 JPEGs (bench.py's real photographs),
+    the crops drawn as the workers draw them."""
+    import io
+    import sys
+
+    from PIL import Image
+
+    sys.path.insert(0, REPO)
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from bench import write_photos
+    from d2v_plugin.data.transforms import decode_crops, sample_crop
+
+    paths, _ = write_photos(tempfile.mkdtemp(prefix="gpu_photos_"), count=batch)
+    jpegs = [open(p, "rb").read() for p in paths]
+    g = torch.Generator().manual_seed(0)
+    boxes = [sample_crop(*Image.open(io.BytesIO(d)).size, generator=g) for d in jpegs]
+    flips = [i % 2 == 0 for i in range(len(jpegs))]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    decode_crops(jpegs, boxes, flips, 224, device)  # warm-up: nvJPEG handles, kernels
+    rates = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(5):
+            out = decode_crops(jpegs, boxes, flips, 224, device)
+        sync()
+        rates.append(5 * len(out) / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "batch": len(jpegs)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=256)
@@ -99,8 +131,11 @@ def main():
                              "peak_gib": max(r[1] for r in runs), "tflops": flops,
                              "mfu": flops / peak if peak else None})
                 print(json.dumps(rows[-1]), flush=True)
+    decode = measure_device_decode(args.batch, args.repeats)
+    print(json.dumps({"device_decode": decode}), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "batch": args.batch, "rows": rows}, f, indent=1)
+        json.dump({"device": name, "torch": torch.__version__, "batch": args.batch, "rows": rows,
+                   "device_decode": decode}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,27 @@ def test_bf16_is_one_override_of_the_table_1_recipe():
     assert bf16.common.bf16 is True and bf16.common.fp16 is False
     for section in ("task", "model", "criterion", "optimization", "optimizer", "dataset", "checkpoint"):
         assert OmegaConf.to_container(bf16[section]) == OmegaConf.to_container(fp16[section]), section
+
+
+@pytest.mark.parametrize("name", ["distilled_imagenet", "d2v2_base_imagenet", "demo"])
+def test_every_setting_is_in_the_recipe_so_a_plain_override_works(name):
+    # hydra refuses `task.x=...` for a key the recipe's section lacks (it would need `+task.x=...`):
+    # every setting of the plugin's task, model and criterion is listed, bar the interpolated ones
+    import dataclasses
+
+    import yaml
+    from d2v_plugin.criterions.mixup_cross_entropy import MixupCrossEntropyConfig
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig
+    from d2v_plugin.tasks.image_folder_classification import ImageFolderClassificationConfig
+
+    with open(os.path.join(CONFIG_DIR, f"{name}.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    for section, schema in (("task", ImageFolderClassificationConfig), ("model", Data2Vec2ClassifierConfig),
+                            ("criterion", MixupCrossEntropyConfig)):
+        settings = {f.name for f in dataclasses.fields(schema)
+                    if f.name != "_name" and not str(f.default).startswith("${")}
+        assert settings <= set(recipe[section]), (section, settings - set(recipe[section]))
+    cfg = resolve(name, "task.fast_decode=true", "model.compile_encoder=true", "model.trust_checkpoint=true",
+                  "criterion.cutmix_minmax=[0.2,0.8]")
+    assert cfg.task.fast_decode and cfg.model.compile_encoder and cfg.model.trust_checkpoint
+    assert list(cfg.criterion.cutmix_minmax) == [0.2, 0.8]

@@ -201,10 +201,12 @@ PLUGIN_ERRORS = ("d2v_plugin.", "ValueError: ", "FileNotFoundError: ")
     # (a missing data folder and a class-count mismatch: tests/test_end_to_end.py)
     (["model.pretrained_checkpoint=/no/ckpt.pt"], "checkpoint not found: /no/ckpt.pt"),
     (["model.depth=9"], "model.depth=9 but the checkpoint has 5 blocks"),
-    (["+model.embed_dim=64"], "model.embed_dim=64 but the checkpoint has 32"),
+    (["model.embed_dim=64"], "model.embed_dim=64 but the checkpoint has 32"),
     (["dataset.batch_size=5"], "dataset.batch_size=5 is odd, but mixup/cutmix pairs the samples"),
     (["model.pooling=max"], "model.pooling='max' is not a pooling mode; use one of mean, cls"),
     (["task.on_bad_image=ignore"], "task.on_bad_image='ignore': use skip or error"),
+    (["task.device_decode=true", "task.auto_augment=rand-m9-mstd0.5-inc1"],
+     "task.device_decode=true works with the plugin's augmentation only"),
 ])
 def test_wrong_settings_stop_with_one_line_naming_the_setting(tmp_path, image_root, overrides, expected):
     result = run(train_cmd(tmp_path, image_root, tmp_path / "run", *overrides))

@@ -12,7 +12,7 @@ from fairseq.data import FairseqDataset
 from PIL import Image
 
 from d2v_plugin.data.index import DataError, FolderIndex
-from d2v_plugin.data.transforms import RandomResizedCropFlip, ResizeCenterCrop, normalize_batch
+from d2v_plugin.data.transforms import RandomResizedCropFlip, ResizeCenterCrop, normalize_batch, tensor_decodable
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,14 @@ class ImageFolderDataset(FairseqDataset):
     without touching the global RNG (fairseq prefetches batches in a thread while the model trains)."""
 
     def __init__(self, index: FolderIndex, transform, on_bad_image: str = "skip", shuffle: bool = True,
-                 seed: int = 1, normalize: bool = True):
+                 seed: int = 1, normalize: bool = True, device_decode: bool = False):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"task.on_bad_image={on_bad_image!r}: use skip or error")
+        if device_decode and (normalize or not isinstance(transform, RandomResizedCropFlip)):
+            raise ValueError("device_decode needs the plugin's training transform and normalize=False")
+        # JPEGs stay encoded: the sample holds the bytes, crop box and flip, and the consumer decodes
+        # the batch on its device (decode_crops); other formats are decoded here as usual
+        self.device_decode = device_decode
         self.index = index
         self.transform = transform
         self.on_bad_image = on_bad_image
@@ -62,6 +67,10 @@ class ImageFolderDataset(FairseqDataset):
             with Image.open(io.BytesIO(data)) as img:
                 if plugin:  # the plugin's transforms decode the file themselves (from the header's size on)
                     g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+                    if self.device_decode and tensor_decodable(img):
+                        box, flip = self.transform.draw(img, g)  # the crop the transform would take
+                        return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": path,
+                                "target": self.index.labels[i]}
                     image = self.transform(img, g, data)
                 else:
                     decoded = img.convert("RGB")  # decoded now, a copy that outlives the file
@@ -76,13 +85,18 @@ class ImageFolderDataset(FairseqDataset):
         return {"id": i, "image": image, "target": self.index.labels[i]}
 
     def collater(self, samples: list[dict]) -> dict:
-        good = [s for s in samples if s["image"] is not None]
+        decoded = [s for s in samples if s.get("image") is not None]
+        encoded = [s for s in samples if "jpeg" in s]
+        good = decoded + encoded  # the batch's order: decoded images first, then the still-encoded ones
         if not good:
             return {}  # fairseq treats an empty sample as a dummy batch
-        images = torch.stack([s["image"] for s in good])
+        if decoded:
+            images = torch.stack([s["image"] for s in decoded])
+        else:
+            images = torch.empty((0, 3, self.transform.size, self.transform.size), dtype=torch.uint8)
         if images.dtype == torch.uint8 and self.normalize:  # the plugin's transforms leave it to the batch
             images = normalize_batch(images, self.transform.mean, self.transform.std)
-        return {
+        batch = {
             "id": torch.tensor([s["id"] for s in good]),
             "net_input": {"images": images},
             "target": torch.tensor([s["target"] for s in good]),
@@ -90,6 +104,10 @@ class ImageFolderDataset(FairseqDataset):
             "ntokens": len(good),
             "bad_images": len(samples) - len(good),
         }
+        if encoded:  # plain Python values: fairseq moves tensors to the GPU, TorchCodec reads host bytes
+            batch["encoded"] = {"jpegs": [s["jpeg"] for s in encoded], "boxes": [s["box"] for s in encoded],
+                                "flips": [s["flip"] for s in encoded], "paths": [s["path"] for s in encoded]}
+        return batch
 
     def num_tokens(self, index: int) -> int:
         return 1

@@ -63,21 +63,55 @@ def _exif_rotated(img: Image.Image) -> bool:
     return "exif" in img.info and img.getexif().get(0x0112, 1) != 1  # the Orientation tag
 
 
+def tensor_decodable(img: Image.Image) -> bool:
+    """A baseline or progressive JPEG in RGB or grey without an EXIF rotation: what TorchCodec decodes to
+    PIL's pixels (it would apply a rotation, which PIL and ImageFolder ignore; CMYK keeps PIL's conversion)."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and not _exif_rotated(img)
+
+
 def decode(img: Image.Image, data: bytes | None = None) -> torch.Tensor:
     """The pixels of a still-undecoded PIL image as uint8 [3, H, W] (HWC strides).
 
-    Given the file's bytes, a baseline or progressive JPEG in RGB or grey is decoded by TorchCodec
-    (libjpeg-turbo straight into a tensor: the same pixels as PIL's decoder, tested, without PIL's two
-    copies); CMYK JPEGs, JPEGs with an EXIF rotation (TorchCodec would apply it, PIL and ImageFolder do
-    not) and every other format go through PIL, converted to RGB."""
-    if data is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and not _exif_rotated(img):
+    Given the file's bytes, a ``tensor_decodable`` JPEG is decoded by TorchCodec (libjpeg-turbo straight
+    into a tensor: the same pixels as PIL's decoder, tested, without PIL's two copies); anything else
+    goes through PIL, converted to RGB."""
+    if data is not None and tensor_decodable(img):
         from torchcodec.decoders import decode_jpeg
 
         try:
             return decode_jpeg(data, mode="RGB")
         except RuntimeError as err:  # corrupt or truncated: what PIL reports as OSError
-            raise OSError(str(err).strip().splitlines()[-1]) from None
+            raise OSError(_last_line(err)) from None
     return hwc_tensor(to_rgb(img))
+
+
+def _last_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[-1]
+
+
+def decode_crops(jpegs: list, boxes: list, flips: list, size: int, device) -> list:
+    """JPEG bytes -> their (left, top, w, h) crops resized to size x size and flipped where asked, as
+    uint8 [3, size, size] on ``device``: TorchCodec decodes the batch there (nvJPEG on a GPU). An image
+    the batched decode fails on is retried alone, then on the CPU; None where neither decodes it."""
+    from torchcodec.decoders import decode_jpeg
+
+    try:
+        decoded = decode_jpeg(jpegs, mode="RGB", device=device)
+    except RuntimeError:
+        decoded = []
+        for data in jpegs:
+            try:
+                decoded.append(decode_jpeg(data, mode="RGB", device=device))
+            except RuntimeError:
+                try:
+                    decoded.append(decode_jpeg(data, mode="RGB").to(device))
+                except RuntimeError:
+                    decoded.append(None)
+    out = []
+    for image, box, flip in zip(decoded, boxes, flips):
+        crop = None if image is None else resize_crop(image, *box, size, size)
+        out.append(crop.flip(-1) if flip and crop is not None else crop)
+    return out
 
 
 def resize_crop(image: torch.Tensor, left: int, top: int, w: int, h: int, out_w: int, out_h: int) -> torch.Tensor:
@@ -86,7 +120,16 @@ def resize_crop(image: torch.Tensor, left: int, top: int, w: int, h: int, out_w:
     torchvision's RandomResizedCrop does on PIL images, in torch's vectorised uint8 kernel (~5x faster
     than PIL's; pixels agree within rounding)."""
     crop = image[None, :, top:top + h, left:left + w]
-    return F.interpolate(crop, size=(out_h, out_w), mode="bicubic", antialias=True)[0]
+    if crop.device.type == "cpu":
+        return F.interpolate(crop, size=(out_h, out_w), mode="bicubic", antialias=True)[0]
+    return resize_in_float(crop, out_w, out_h)[0]
+
+
+def resize_in_float(images: torch.Tensor, out_w: int, out_h: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, out_h, out_w], the same antialiased bicubic filter computed in
+    float32 and rounded: what the GPU runs (its kernels resample floating point only)."""
+    out = F.interpolate(images.float(), size=(out_h, out_w), mode="bicubic", antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def drafted_box(img: Image.Image, box, out_w: int, out_h: int):
@@ -113,11 +156,15 @@ class RandomResizedCropFlip:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
         self.fast_decode, self.mean, self.std = fast_decode, tuple(mean), tuple(std)
 
+    def draw(self, img: Image.Image, generator=None):
+        """The crop box (left, top, w, h) and the flip, from the header's size alone."""
+        box = sample_crop(*img.size, self.scale, self.ratio, generator)
+        return box, float(torch.rand(1, generator=generator)) < self.flip
+
     def __call__(self, img: Image.Image, generator=None, data: bytes | None = None) -> torch.Tensor:
         """``img``: opened, not decoded (its header gives the size the crop is drawn from); ``data``:
         the file's bytes, if the caller has them (the faster JPEG decoder reads them)."""
-        box = sample_crop(*img.size, self.scale, self.ratio, generator)
-        flip = float(torch.rand(1, generator=generator)) < self.flip
+        box, flip = self.draw(img, generator)
         reduced = drafted_box(img, box, self.size, self.size) if self.fast_decode else None
         image = decode(img, data) if reduced is None else hwc_tensor(to_rgb(img))  # PIL decodes drafted
         out = resize_crop(image, *(reduced or box), self.size, self.size)

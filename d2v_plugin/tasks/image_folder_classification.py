@@ -11,7 +11,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
-from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_crops, normalize_batch
 from d2v_plugin.models.classifier import record_architecture
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,14 @@ class ImageFolderClassificationConfig(FairseqDataclass):
     fast_decode: bool = field(
         default=False,
         metadata={"help": "decode JPEGs at 1/2, 1/4 or 1/8 scale when the crop still has the output size "
-                          "(same crop boxes, several times faster on ImageNet-size photos)"},
+                          "(same crop boxes; pays off on photos well above 500x375, see BENCHMARKS.md)"},
+    )
+    device_decode: bool = field(
+        default=False,
+        metadata={"help": "decode training JPEGs and resize their crops on the training device: TorchCodec "
+                          "decodes each batch there (nvJPEG on a GPU); the data-loading workers only read the "
+                          "files and draw the crops (the same crops). For GPU nodes whose CPUs cannot keep up; "
+                          "other formats are still decoded by the workers"},
     )
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "where the folder index is cached; null = ~/.cache/d2v_plugin/index"}
@@ -70,6 +77,9 @@ class ImageFolderClassificationTask(FairseqTask):
             raise DataError(f"task.data={cfg.data} does not exist or is not a folder")
         if cfg.on_bad_image not in ("skip", "error"):
             raise DataError(f"task.on_bad_image={cfg.on_bad_image!r}: use skip or error")
+        if cfg.device_decode and (cfg.auto_augment or cfg.random_erasing):
+            raise DataError("task.device_decode=true works with the plugin's augmentation only: unset "
+                            "task.auto_augment and task.random_erasing (timm's transform decodes in the workers)")
         train = index_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir)
         logger.info(f"{len(train.classes)} classes in {train.split_dir}")
         task = cls(cfg, train.classes)
@@ -89,11 +99,14 @@ class ImageFolderClassificationTask(FairseqTask):
         # batches stay uint8 until train_step / valid_step: a quarter of the bytes to copy to the GPU,
         # and the normalisation runs there instead of in the data-loading workers
         self.datasets[split] = ImageFolderDataset(index, transform, self.cfg.on_bad_image, shuffle=is_train,
-                                                  seed=self.cfg.seed, normalize=False)
+                                                  seed=self.cfg.seed, normalize=False,
+                                                  device_decode=is_train and self.cfg.device_decode)
         # On resume fairseq starts prefetching the fast-forwarded epoch before it calls set_epoch:
         # the dataset must know its epoch from the start for the augmentation to match.
         self.datasets[split].set_epoch(epoch)
         logger.info(f"{split}: {len(index)} images in {index.split_dir}")
+        if self.datasets[split].device_decode:
+            logger.info(f"{split}: JPEGs are decoded on the training device (task.device_decode)")
 
     @staticmethod
     def normalize_images(sample, model) -> None:
@@ -103,9 +116,43 @@ class ImageFolderClassificationTask(FairseqTask):
             dtype = next(model.parameters()).dtype
             sample["net_input"]["images"] = normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD).to(dtype)
 
-    def train_step(self, sample, model, *args, **kwargs):
+    def decode_encoded(self, sample) -> bool:
+        """``task.device_decode``: decode the batch's still-encoded JPEGs and resize their crops on the
+        device the batch is on, appended after the images the workers decoded. A JPEG whose body does
+        not decode is left out of the batch (its target and id too) and counted in ``bad_images``, or
+        stops the run with ``on_bad_image=error``. True when no image at all is left: the batch then
+        runs as zeros with its gradient ignored, as fairseq does with its dummy batches."""
+        encoded = sample.pop("encoded", None) if sample else None
+        if not encoded:
+            return False
+        images = sample["net_input"]["images"]
+        device, first = sample["target"].device, images.shape[0]
+        crops = decode_crops(encoded["jpegs"], encoded["boxes"], encoded["flips"], self.cfg.image_size, device)
+        bad = [path for path, crop in zip(encoded["paths"], crops) if crop is None]
+        for path in bad:
+            if self.cfg.on_bad_image == "error":
+                raise DataError(f"unreadable image {path}: the JPEG data does not decode "
+                                "(task.on_bad_image=skip skips such files)")
+            logger.warning(f"skipping unreadable image {path}: the JPEG data does not decode")
+        good = [crop[None] for crop in crops if crop is not None]
+        sample["net_input"]["images"] = torch.cat([images, *good])
+        if not bad:
+            return False
+        sample["bad_images"] = sample.get("bad_images", 0) + len(bad)
+        if first == 0 and not good:
+            sample["net_input"]["images"] = torch.zeros((len(crops), *images.shape[1:]), dtype=images.dtype,
+                                                        device=images.device)
+            return True
+        keep = list(range(first)) + [first + k for k, crop in enumerate(crops) if crop is not None]
+        keep = torch.tensor(keep, device=device)
+        sample["id"], sample["target"] = sample["id"].index_select(0, keep), sample["target"].index_select(0, keep)
+        sample["nsentences"] = sample["ntokens"] = len(keep)
+        return False
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        ignore_grad = self.decode_encoded(sample) or ignore_grad
         self.normalize_images(sample, model)
-        return super().train_step(sample, model, *args, **kwargs)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
         self.normalize_images(sample, model)
