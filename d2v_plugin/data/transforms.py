@@ -180,6 +180,7 @@ class ResizeCenterCrop:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, img: Image.Image, generator=None, data: bytes | None = None) -> torch.Tensor:
+        """Called as the training transform is; decodes with PIL whatever ``data`` holds."""
         width, height = img.size
         short = int(self.size / self.crop_ratio)
         # torchvision's Resize(int): the shorter side becomes `short`, the longer one scales, truncated
