@@ -81,12 +81,8 @@ def decode(img: Image.Image, data: bytes | None = None) -> torch.Tensor:
         try:
             return decode_jpeg(data, mode="RGB")
         except RuntimeError as err:  # corrupt or truncated: what PIL reports as OSError
-            raise OSError(_last_line(err)) from None
+            raise OSError(str(err).strip().splitlines()[-1]) from None
     return hwc_tensor(to_rgb(img))
-
-
-def _last_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[-1]
 
 
 def decode_crops(jpegs: list, boxes: list, flips: list, size: int, device) -> list:
