@@ -113,6 +113,15 @@ def train_step_pair_worker(depth: int, batch: int, steps: int, warmup: int) -> d
     return {"ratio": statistics.median(times["reference"]) / statistics.median(times["ours"])}
 
 
+def run_worker(*args) -> dict:
+    """This script's --worker mode in a fresh process: its last stdout line, as JSON."""
+    out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True,
+                         cwd=REPO)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bench_train_step(batch: int, steps: int):
     results = {}
     pair_steps = {12: 4, 4: 8}  # per model, after one warm-up step each
@@ -120,17 +129,9 @@ def bench_train_step(batch: int, steps: int):
         per = {"ours": [], "reference": [], "paired": []}
         for r in range(RUNS):
             for impl in rotated(("reference", "ours"), r):
-                out = subprocess.run([sys.executable, __file__, "--worker", "train_step", impl, str(depth), str(batch),
-                                      str(steps)], capture_output=True, text=True, cwd=REPO)
-                if out.returncode:
-                    raise RuntimeError(out.stderr[-3000:])
-                per[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                per[impl].append(run_worker("train_step", impl, depth, batch, steps))
                 print(f"  train step depth {depth} {impl}: {per[impl][-1]}", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--worker", "train_step_pair", str(depth), str(batch),
-                                  str(pair_steps[depth])], capture_output=True, text=True, cwd=REPO)
-            if out.returncode:
-                raise RuntimeError(out.stderr[-3000:])
-            per["paired"].append(json.loads(out.stdout.strip().splitlines()[-1])["ratio"])
+            per["paired"].append(run_worker("train_step_pair", depth, batch, pair_steps[depth])["ratio"])
             print(f"  train step depth {depth} paired ratio: {per['paired'][-1]:.3f}", flush=True)
         paired = per.pop("paired")
         results[depth] = {impl: {"images_per_s": summary([r["images_per_s"] for r in rs]),
