@@ -346,7 +346,8 @@ def write_markdown(results: dict, path: str):
                   "worker output (TorchCodec's libjpeg-turbo decode straight into a tensor, torch's uint8 "
                   "antialiased bicubic resize of the crop, same pixels within rounding), uint8 batches that the "
                   "task normalises on the training device; `fast_decode` = `task.fast_decode=true` (DCT-scaled "
-                  "decoding of crops >= 2x the output); `preresize 256` = "
+                  "decoding of crops >= 2x the output: at 500x375 no crop is, so that row runs the same code as "
+                  "`ours` and the gap between them is the measurement's noise); `preresize 256` = "
                   "the same photos after `python -m d2v_plugin.cli.preresize --short-side 256` (a trade-off: less "
                   "detail in large crops).", "",
                   "| photos | pipeline | images/s | vs reference |", "|---|---|---|---|"]
