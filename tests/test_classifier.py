@@ -1,5 +1,4 @@
 """The pooled head and the parameter groups, against independent computations."""
-import math
 
 import pytest
 import torch
