@@ -60,6 +60,25 @@ def test_index_is_cached_and_rescanned_when_files_change(image_root, cache_dir, 
     assert calls == [1] and len(changed) == len(first) + 1
 
 
+def test_a_change_in_a_nested_folder_is_seen_on_the_next_start(image_root, cache_dir, monkeypatch):
+    nested = image_root / "train" / "class_1" / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(nested / "a.png")
+    first = index_split(str(image_root), "train", cache_dir=cache_dir)
+    real_scan, calls = index_module._scan, []
+    monkeypatch.setattr(index_module, "_scan", lambda *a: calls.append(1) or real_scan(*a))
+    assert index_split(str(image_root), "train", cache_dir=cache_dir).files == first.files and calls == []
+    added = os.path.join("class_1", "sub", "deeper", "b.png")
+    Image.new("RGB", (8, 8)).save(image_root / "train" / added)  # only deeper/'s time changes
+    grown = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert calls == [1] and added in grown.files and len(grown) == len(first) + 1
+    (nested / "a.png").unlink()
+    shrunk = index_split(str(image_root), "train", cache_dir=cache_dir)
+    assert calls == [1, 1] and os.path.join("class_1", "sub", "deeper", "a.png") not in shrunk.files
+    assert len(shrunk) == len(first)
+    assert index_split(str(image_root), "train", cache_dir=cache_dir).files == shrunk.files and calls == [1, 1]
+
+
 def test_files_without_image_extension_are_left_out_and_reported(image_root, cache_dir):
     (image_root / "train" / "class_0" / "notes.txt").write_text("not an image")
     train = index_split(str(image_root), "train", cache_dir=cache_dir)

@@ -14,7 +14,7 @@ from d2v_plugin.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 class DataError(ValueError):
@@ -46,12 +46,25 @@ def _class_dirs(split_dir: str) -> list[os.DirEntry]:
     return dirs
 
 
-def _cache_key(split_dir: str, dirs: list[os.DirEntry]) -> str:
-    # A file added or removed changes its class folder's mtime; a folder added changes the split's.
-    h = hashlib.sha1(f"{CACHE_VERSION}\0{os.path.realpath(split_dir)}\0{os.stat(split_dir).st_mtime_ns}".encode())
-    for e in dirs:
-        h.update(f"\0{e.name}\0{e.stat().st_mtime_ns}".encode())
-    return h.hexdigest()
+def _cache_file(cache_dir: str, split_dir: str) -> str:
+    name = hashlib.sha1(f"{CACHE_VERSION}\0{os.path.realpath(split_dir)}".encode()).hexdigest()
+    return os.path.join(cache_dir, f"{name}.npz")
+
+
+def _mtimes(split_dir: str, rel_dirs) -> np.ndarray | None:
+    """Modification times of the given folders of the tree; None if one is gone."""
+    try:
+        return np.array([os.stat(os.path.join(split_dir, d)).st_mtime_ns for d in rel_dirs], dtype=np.int64)
+    except OSError:
+        return None
+
+
+def _is_fresh(split_dir: str, scan: dict) -> bool:
+    """The cache holds every folder the scan walked (the split, the class folders and any folder below
+    them) with its modification time: a file or folder added, removed or renamed anywhere in the tree
+    changes the time of the folder that holds it."""
+    now = _mtimes(split_dir, scan["dirs"])
+    return now is not None and np.array_equal(now, scan["mtimes"])
 
 
 class PathList(Sequence):
@@ -84,25 +97,43 @@ class PathList(Sequence):
         return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
 
 
-def _scan(split_dir: str, dirs: list[os.DirEntry]) -> dict:
+def _walk(split_dir: str, rel: str, files: list, ignored: list, walked: list, mtimes: list) -> None:
+    """os.walk's order (a folder's files sorted, then its subfolders sorted; symlinked folders not
+    entered), each folder's time taken *before* it is listed, so a change made during the scan is
+    newer than the time cached and the next start rescans."""
+    path = os.path.join(split_dir, rel)
+    mtimes.append(os.stat(path).st_mtime_ns)
+    walked.append(rel)
+    subdirs = []
+    for e in sorted(os.scandir(path), key=lambda e: e.name):
+        if e.is_dir():
+            if not e.is_symlink():
+                subdirs.append(e.name)
+        else:
+            (files if e.name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(os.path.join(rel, e.name))
+    for name in subdirs:
+        _walk(split_dir, os.path.join(rel, name), files, ignored, walked, mtimes)
+
+
+def _scan(split_dir: str) -> dict:
+    split_time = os.stat(split_dir).st_mtime_ns if os.path.isdir(split_dir) else None
+    dirs = _class_dirs(split_dir)  # stops on a missing split
+    walked, mtimes = ["."], [split_time]
     files, counts, ignored = [], [], []
     for d in dirs:
         before = len(files)
-        for root, subdirs, names in os.walk(d.path):
-            subdirs.sort()
-            rel_root = os.path.relpath(root, split_dir)
-            for f in sorted(names):
-                (files if f.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(os.path.join(rel_root, f))
+        _walk(split_dir, d.name, files, ignored, walked, mtimes)
         counts.append(len(files) - before)
     paths = PathList.from_strings(files)
     return {"blob": paths.blob, "offsets": paths.offsets, "classes": np.array([d.name for d in dirs]),
-            "counts": np.array(counts, dtype=np.int64), "ignored": np.array(ignored, dtype=str)}
+            "counts": np.array(counts, dtype=np.int64), "ignored": np.array(ignored, dtype=str),
+            "dirs": np.array(walked, dtype=str), "mtimes": np.array(mtimes, dtype=np.int64)}
 
 
 def _read_cache(cache_file: str):
     try:
         with np.load(cache_file, allow_pickle=False) as z:
-            return {k: z[k] for k in ("blob", "offsets", "classes", "counts", "ignored")}
+            return {k: z[k] for k in ("blob", "offsets", "classes", "counts", "ignored", "dirs", "mtimes")}
     except (OSError, ValueError, KeyError) as err:
         logger.warning(f"ignoring unreadable index cache {cache_file}: {err}")
         return None
@@ -119,11 +150,10 @@ def _write_cache(cache_file: str, scan: dict) -> None:
 def index_split(root: str, split: str, classes: list[str] | None = None, cache_dir: str | None = None) -> FolderIndex:
     """Index one split. ``classes`` is the train split's mapping; None means this is the train split."""
     split_dir = os.path.join(root, split)
-    dirs = _class_dirs(split_dir)
-    cache_file = os.path.join(cache_dir or default_cache_dir(), f"{_cache_key(split_dir, dirs)}.npz")
+    cache_file = _cache_file(cache_dir or default_cache_dir(), split_dir)
     scan = _read_cache(cache_file) if os.path.isfile(cache_file) else None
-    if scan is None:
-        scan = _scan(split_dir, dirs)
+    if scan is None or not _is_fresh(split_dir, scan):
+        scan = _scan(split_dir)
         _write_cache(cache_file, scan)
 
     found = [str(c) for c in scan["classes"]]
