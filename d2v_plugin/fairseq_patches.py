@@ -1,20 +1,37 @@
-"""Make fairseq's checkpoint copies atomic.
+"""Changes to fairseq's behaviour that training relies on, installed when the plugin is imported.
+Each is written for fairseq-fixed 0.12.x and has a test showing the upstream behaviour it changes.
 
-fairseq writes each checkpoint once, atomically (``torch_persistent_save``: write ``.tmp``, rename),
-then *copies* it to the other names it is saved under (``checkpoint_last.pt``, ``checkpoint_best.pt``)
-with ``PathManager.copy`` -> ``shutil.copyfile``, which truncates the destination first. A job killed
-during that copy (a 350 MB base checkpoint takes a while) leaves a half-written ``checkpoint_last.pt``
-and the restart cannot resume. Installed when the plugin is imported, this wraps ``PathManager.copy``
-for local destinations: copy to a temporary file beside the destination, then ``os.replace``.
+1. Atomic checkpoint copies. fairseq writes each checkpoint once, atomically (``torch_persistent_save``:
+   write ``.tmp``, rename), then *copies* it to the other names it is saved under
+   (``checkpoint_last.pt``, ``checkpoint_best.pt``) with ``PathManager.copy`` -> ``shutil.copyfile``,
+   which truncates the destination first. A job killed during that copy (a 350 MB base checkpoint
+   takes a while) leaves a half-written ``checkpoint_last.pt`` and the restart cannot resume. The
+   patch copies to a temporary file beside the destination, then ``os.replace``.
+
+2. Exact fp16/bf16 resumes. fairseq's ``FP16Optimizer`` keeps fp32 master weights and steps those,
+   but its state dict holds neither the masters nor the loss scaler's counters: a resumed run rebuilds
+   its masters from the half-precision weights saved in the checkpoint (the low bits of every weight,
+   where small updates accumulate, are lost) and restarts the scaler's growth window. The patch saves
+   both in the optimizer state (``last_optimizer_state``) and restores them on load.
 """
+import logging
 import os
 import shutil
 
+import torch
 from fairseq.file_io import PathManager
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 
 from d2v_plugin.atomic import atomic_path
 
+logger = logging.getLogger(__name__)
+
 _original_copy = PathManager.copy
+_original_fp16_state_dict = _FP16OptimizerMixin.state_dict
+_original_fp16_load_state_dict = _FP16OptimizerMixin.load_state_dict
+
+MASTERS_KEY, SCALER_KEY = "d2v_fp32_masters", "d2v_loss_scaler"
+SCALER_COUNTERS = ("_iter", "_last_overflow_iter", "_last_rescale_iter", "_overflows_since_rescale")
 
 
 def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
@@ -27,6 +44,44 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
     return True
 
 
+def _masters(optimizer) -> list:
+    params = optimizer.fp32_params
+    if isinstance(params, dict):  # flattened: one flat tensor per device
+        return list(params.values())
+    return [params] if torch.is_tensor(params) else list(params)
+
+
+def fp16_state_dict_with_masters(self) -> dict:
+    state = _original_fp16_state_dict(self)
+    state[MASTERS_KEY] = [p.data for p in _masters(self)]
+    if self.scaler is not None:
+        state[SCALER_KEY] = {k: getattr(self.scaler, k) for k in SCALER_COUNTERS}
+    return state
+
+
+def fp16_load_state_dict_with_masters(self, state_dict, optimizer_overrides=None) -> None:
+    state_dict = dict(state_dict)
+    saved, counters = state_dict.pop(MASTERS_KEY, None), state_dict.pop(SCALER_KEY, None)
+    _original_fp16_load_state_dict(self, state_dict, optimizer_overrides)
+    masters = _masters(self)
+    if saved is None:
+        logger.warning("the checkpoint holds no fp32 master weights: they are rebuilt from its "
+                       "half-precision weights (the resume is not exact)")
+    elif [p.shape for p in saved] != [p.shape for p in masters]:
+        logger.warning("the checkpoint's fp32 master weights do not match the model's parameters: they are "
+                       "rebuilt from its half-precision weights (the resume is not exact)")
+    else:
+        with torch.no_grad():
+            for p, value in zip(masters, saved):
+                p.data.copy_(value)
+    if counters is not None and self.scaler is not None:
+        for k, v in counters.items():
+            setattr(self.scaler, k, v)
+
+
 def install() -> None:
     if PathManager.copy is not atomic_copy:
         PathManager.copy = staticmethod(atomic_copy)
+    if _FP16OptimizerMixin.state_dict is not fp16_state_dict_with_masters:
+        _FP16OptimizerMixin.state_dict = fp16_state_dict_with_masters
+        _FP16OptimizerMixin.load_state_dict = fp16_load_state_dict_with_masters

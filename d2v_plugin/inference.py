@@ -9,10 +9,9 @@ from dataclasses import fields
 
 from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalized, eval_transform
 from d2v_plugin.models.checkpoints import CheckpointError, encoder_from_object, load_file, strict_load
-from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+from d2v_plugin.models.classifier import MODEL_NAME, Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
-MODEL_NAME = "data2vec2_image_classifier"
 EXPORT_FORMAT = "d2v_plugin_classifier"
 
 

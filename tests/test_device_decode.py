@@ -56,9 +56,9 @@ def test_device_decoded_batch_equals_the_workers_batch(tmp_path):
     plain.set_epoch(3)
     ref = plain.collater([plain[i] for i in range(len(plain))])
     assert batch["net_input"]["images"].shape == ref["net_input"]["images"].shape == (21, 3, 32, 32)
-    ours, theirs = by_id(batch, "images"), by_id(ref, "images")
-    assert all(torch.equal(ours[i], theirs[i]) for i in theirs)  # same crops, flips and pixels
-    assert by_id(batch, "target") == by_id(ref, "target")
+    # the same batch: same order (mixup pairs sample i with B-1-i), crops, flips and pixels
+    assert torch.equal(batch["id"], ref["id"]) and torch.equal(batch["target"], ref["target"])
+    assert torch.equal(batch["net_input"]["images"], ref["net_input"]["images"])
 
 
 def test_a_jpeg_that_does_not_decode_is_dropped_with_its_target_and_counted(tmp_path):
@@ -106,9 +106,9 @@ def test_gpu_float_resampling_matches_the_uint8_kernel_within_rounding():
         assert d.float().mean() < 0.2 and (d > 1).float().mean() < 0.002
 
 
-def test_training_with_device_decode_logs_the_same_losses(tmp_path):
-    root = write_jpeg_folders(tmp_path / "d")
-    runs = {}
+def test_training_with_device_decode_ends_bit_identical_on_a_folder_of_jpegs_and_pngs(tmp_path):
+    root = write_jpeg_folders(tmp_path / "d", extra_png=True)  # PNGs are decoded by the workers
+    runs, weights = {}, {}
     for flag in ("false", "true"):
         result = run(train_cmd(tmp_path, root, tmp_path / f"run_{flag}", f"task.device_decode={flag}",
                                "task.image_size=32", "common.log_format=json", batch_size=6, max_update=4))
@@ -117,5 +117,7 @@ def test_training_with_device_decode_logs_the_same_losses(tmp_path):
         assert ("JPEGs are decoded on the training device" in log) == (flag == "true")
         records = json_records(log, "train_inner")
         runs[flag] = {r["num_updates"]: (r["loss"], r["gnorm"]) for r in records}
-    # the same crops and pixels, so the same losses: mixup, drop path and the model ran on equal batches
+        weights[flag] = torch.load(tmp_path / f"run_{flag}" / "checkpoint_last.pt", weights_only=True)["model"]
+    # the same batches in the same order, so the same mixup pairs, losses and weights
     assert sorted(runs["true"]) == [1, 2, 3, 4] and runs["true"] == runs["false"]
+    assert all(torch.equal(weights["true"][k], weights["false"][k]) for k in weights["false"])

@@ -1,6 +1,7 @@
 """fairseq-hydra-train with the plugin, as a user runs it, on tiny generated data."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, exception_line, json_records, run, train_cmd
+from d2v_plugin.data import ImageFolderDataset
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +105,100 @@ def test_data_problems_stop_with_one_clear_error(tmp_path, image_root, case, exp
     assert run.returncode != 0
     line = exception_line(run.stderr)
     assert line.startswith("d2v_plugin.data.index.DataError: ") and expected in line, run.stderr[-2000:]
+
+
+# --- validation computes what cli.evaluate computes --------------------------------------------
+
+def test_validation_with_fast_decode_equals_evaluate_on_the_best_checkpoint(tmp_path):
+    from test_device_decode import write_jpeg_folders
+
+    root = write_jpeg_folders(tmp_path / "jpegs")  # 40-90 px JPEGs: 1/2-scale decoding applies at 16 px
+    result = train(tmp_path, root, "task.fast_decode=true", "task.image_size=16", "model.num_classes=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    valid = json_records(result.stdout + result.stderr, "val")
+    best = torch.load(tmp_path / "run" / "checkpoint_best.pt", weights_only=True)
+    scores = evaluate(tmp_path / "run" / "checkpoint_best.pt", root)
+    assert scores.returncode == 0, scores.stderr[-2000:]
+    top1 = json.loads(scores.stdout.strip().splitlines()[-1])["top1"]
+    # fairseq logs accuracies rounded to 3 decimals
+    assert round(top1 * 100, 3) == best["extra_state"]["val_loss"] == max(r["val_accuracy"] for r in valid)
+
+
+def test_validation_images_are_the_evaluation_transforms_even_with_fast_decode(tmp_path):
+    from test_device_decode import write_jpeg_folders
+
+    from d2v_plugin.data.transforms import ResizeCenterCrop
+    from d2v_plugin.tasks.image_folder_classification import (ImageFolderClassificationConfig,
+                                                               ImageFolderClassificationTask)
+
+    root = write_jpeg_folders(tmp_path / "jpegs")
+    task = ImageFolderClassificationTask.setup_task(ImageFolderClassificationConfig(
+        data=str(root), image_size=16, eval_crop_ratio=1.0, fast_decode=True, seed=1, cache_dir=str(tmp_path / "c")))
+    task.load_dataset("val")
+    val = task.datasets["val"]
+    exact, drafted = (ImageFolderDataset(val.index, ResizeCenterCrop(16, 1.0, fast_decode=f), shuffle=False)
+                      for f in (False, True))
+    images = [val[i]["image"] for i in range(len(val))]
+    assert all(torch.equal(a, exact[i]["image"]) for i, a in enumerate(images))  # what evaluate computes
+    assert any(not torch.equal(a, drafted[i]["image"]) for i, a in enumerate(images))  # fast_decode would differ
+
+
+# --- a run needs only its own checkpoints once it has started ---------------------------------
+
+@pytest.fixture(scope="module")
+def run_without_its_pretrained_file(tmp_path_factory):
+    """A finished demo run whose model.pretrained_checkpoint was moved away afterwards (a cluster
+    job's scratch copy of the teacher, cleaned)."""
+    from d2v_plugin.demo_data import write_random_images
+
+    tmp = tmp_path_factory.mktemp("moved")
+    write_random_images(str(tmp / "images"), classes=3, per_class={"train": 8, "val": 4}, size=24)
+    cmd = train_cmd(tmp, tmp / "images", tmp / "run", "common.log_format=json", batch_size=8, max_update=3)
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    os.rename(tmp / "init.pt", tmp / "elsewhere.pt")
+    return tmp, cmd
+
+
+def test_resume_needs_only_the_runs_own_checkpoint(run_without_its_pretrained_file):
+    tmp, cmd = run_without_its_pretrained_file
+    shutil.copytree(tmp / "run", tmp / "resumed")
+    cmd = [a.replace(f"checkpoint.save_dir={tmp / 'run'}", f"checkpoint.save_dir={tmp / 'resumed'}")
+           .replace("optimization.max_update=3", "optimization.max_update=6") for a in cmd]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "model.pretrained_checkpoint is not read" in log and "Loaded checkpoint" in log
+    last = torch.load(tmp / "resumed" / "checkpoint_last.pt", weights_only=True)
+    assert last["optimizer_history"][-1]["num_updates"] == 6
+    assert last["cfg"]["model"]["pretrained_checkpoint"] == str(tmp / "init.pt")  # the run's record is kept
+
+
+def test_evaluate_needs_only_the_runs_checkpoint(run_without_its_pretrained_file):
+    tmp, _ = run_without_its_pretrained_file
+    result = evaluate(tmp / "run" / "checkpoint_best.pt", tmp / "images")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 12
+
+
+def test_export_needs_only_the_runs_checkpoint(run_without_its_pretrained_file):
+    from d2v_plugin import load_classifier
+
+    tmp, _ = run_without_its_pretrained_file
+    cmd = [sys.executable, "-m", "d2v_plugin.cli.export", str(tmp / "run" / "checkpoint_best.pt"), "--out",
+           str(tmp / "export")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_classifier(tmp / "export").classes == ["class_0", "class_1", "class_2"]
+
+
+def test_rerun_into_a_folder_of_another_models_run_stops_naming_it(run_without_its_pretrained_file, tmp_path):
+    tmp, cmd = run_without_its_pretrained_file
+    shutil.copytree(tmp / "run", tmp_path / "other")
+    cmd = [a.replace(f"checkpoint.save_dir={tmp / 'run'}", f"checkpoint.save_dir={tmp_path / 'other'}")
+           for a in cmd] + ["model.depth=2"]
+    result = run(cmd)
+    assert result.returncode != 0
+    line = exception_line(result.stderr)
+    assert "checkpoint_last.pt holds a run of another model (model.depth=2 here, 5 there)" in line
+    assert "train into another checkpoint.save_dir" in line

@@ -34,7 +34,7 @@ def test_distilled_imagenet_has_every_table_1_value():
     assert cfg.task._name == "image_folder_classification" and cfg.model._name == "data2vec2_image_classifier"
     assert cfg.model.pooling == "mean" and cfg.model.freeze_encoder is False and cfg.model.num_classes == 1000
     assert cfg.model.drop_path_rate == 0.0 and cfg.model.layer_decay == 1.0
-    assert cfg.optimization.max_epoch == 15 and cfg.optimization.max_update == 75060
+    assert cfg.optimization.max_epoch == 15 and cfg.optimization.max_update == 15 * 5005  # fairseq's batching: below
     assert list(cfg.optimization.lr) == [0.001] and cfg.optimization.clip_norm == 2.0
     assert cfg.optimizer._name == "composite" and cfg.lr_scheduler._name == "pass_through"
     for group, wd in zip(groups(cfg), (0.01, 0.0)):
@@ -43,7 +43,7 @@ def test_distilled_imagenet_has_every_table_1_value():
         assert group.optimizer.adam_eps == 1e-6 and group.optimizer.weight_decay == wd
         assert group.lr_scheduler._name == "cosine" and group.lr_scheduler.warmup_updates == 5000
     # global batch 256 on the 8 GPUs the comment gives: 32 x 8 x 1
-    assert cfg.dataset.batch_size * 8 * cfg.optimization.update_freq[0] == 256
+    assert cfg.dataset.batch_size * 8 * cfg.optimization.update_freq[0] == 256 == cfg.task.global_batch_size
     assert cfg.dataset.required_batch_size_multiple == 2
     assert cfg.criterion._name == "mixup_cross_entropy"
     c = cfg.criterion
@@ -68,6 +68,7 @@ def test_d2v2_base_imagenet_has_data2vecs_base_values():
     assert (c.mixup_alpha, c.cutmix_alpha, c.mixup_prob, c.switch_prob, c.label_smoothing) == (0.7, 1.0, 0.9, 0.5, 0.1)
     assert cfg.task.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.task.random_erasing == 0.25
     assert cfg.dataset.batch_size * 8 * cfg.optimization.update_freq[0] == 512  # data2vec's 16 x 32
+    assert cfg.task.global_batch_size == 512
     assert cfg.common.fp16 is True and cfg.checkpoint.best_checkpoint_metric == "accuracy"
 
 
@@ -109,3 +110,99 @@ def test_every_setting_is_in_the_recipe_so_a_plain_override_works(name):
                   "criterion.cutmix_minmax=[0.2,0.8]")
     assert cfg.task.fast_decode and cfg.model.compile_encoder and cfg.model.trust_checkpoint
     assert list(cfg.criterion.cutmix_minmax) == [0.2, 0.8]
+
+
+# --- the global batch and the updates per epoch, as fairseq computes them -------------------------
+
+IMAGENET_TRAIN = 1_281_167
+
+
+@pytest.mark.parametrize("name,target", [("distilled_imagenet", 256), ("d2v2_base_imagenet", 512)])
+def test_recipe_trains_at_its_global_batch_on_any_number_of_gpus_or_refuses(name, target):
+    from d2v_plugin.training import ConfigError, resolve_update_freq
+
+    outcomes = {}
+    for world in (1, 2, 3, 4, 6, 8, 16):
+        for batch in (16, 24, 32, 48, 64):
+            cfg = resolve(name, f"distributed_training.distributed_world_size={world}", f"dataset.batch_size={batch}")
+            try:
+                resolve_update_freq(cfg.task.global_batch_size, cfg)
+            except ConfigError as err:
+                assert f"task.global_batch_size={target} is not reachable" in str(err)
+                outcomes[world, batch] = None
+                continue
+            assert len(cfg.optimization.update_freq) == 1
+            outcomes[world, batch] = cfg.optimization.update_freq[0]
+            assert batch * world * cfg.optimization.update_freq[0] == target  # never anything else
+    # the documented layouts start, with update_freq set for the GPUs at hand
+    assert outcomes[8, 32] == target // 256 and outcomes[4, 64] == target // 256 and outcomes[1, 64] == target // 64
+    assert outcomes[4, 32] == target // 128
+    assert outcomes[3, 32] is None and outcomes[8, 24] is None
+
+
+def test_an_unreachable_global_batch_names_a_batch_size_that_reaches_it():
+    from d2v_plugin.training import ConfigError, resolve_update_freq
+
+    cfg = resolve("distilled_imagenet", "distributed_training.distributed_world_size=8", "dataset.batch_size=24")
+    with pytest.raises(ConfigError, match=r"dataset.batch_size=24 x 8 ranks x optimization.update_freq=1 = 192.*"
+                                          r"set dataset.batch_size=16 \(update_freq follows\)"):
+        resolve_update_freq(256, cfg)
+    cfg = resolve("distilled_imagenet", "distributed_training.distributed_world_size=3")
+    with pytest.raises(ConfigError, match="cannot be split over 3 ranks"):
+        resolve_update_freq(256, cfg)
+
+
+def imagenet_sized_task():
+    """The task with a training split of ImageNet's size (an index only: batching never reads a file)."""
+    import numpy as np
+    from d2v_plugin.data import ImageFolderDataset
+    from d2v_plugin.data.index import FolderIndex
+    from d2v_plugin.data.transforms import RandomResizedCropFlip
+    from d2v_plugin.tasks.image_folder_classification import (ImageFolderClassificationConfig,
+                                                               ImageFolderClassificationTask)
+
+    index = FolderIndex("/nowhere/train", ["c"], range(IMAGENET_TRAIN), np.zeros(IMAGENET_TRAIN, np.int64), [])
+    task = ImageFolderClassificationTask(ImageFolderClassificationConfig(data="/nowhere", seed=1), ["c"])
+    task.datasets["train"] = ImageFolderDataset(index, RandomResizedCropFlip(), seed=1, normalize=False)
+    return task
+
+
+@pytest.mark.parametrize("world,batch,update_freq", [(8, 32, 1), (4, 64, 1), (1, 64, 4), (4, 32, 2)])
+def test_updates_per_epoch_of_the_distilled_recipe_from_fairseqs_own_batching(world, batch, update_freq):
+    from fairseq.data.iterators import GroupedIterator
+
+    task, cfg = imagenet_sized_task(), resolve("distilled_imagenet")
+    updates = set()
+    for rank in (0, world - 1):  # fairseq pads the short last round: every rank makes as many updates
+        itr = task.get_batch_iterator(task.datasets["train"], max_sentences=batch, seed=1, num_shards=world,
+                                      shard_id=rank, required_batch_size_multiple=2, disable_iterator_cache=True)
+        updates.add(len(GroupedIterator(itr.next_epoch_itr(shuffle=True), update_freq)))
+    assert updates == {5005}  # not 1,281,167 // 256 = 5,004: the last, short batch is trained on
+    assert cfg.optimization.max_update == 15 * 5005 and cfg.optimization.max_epoch == 15
+
+
+def test_the_distilled_recipes_cosine_schedule_ends_with_epoch_15():
+    from fairseq.optim import FairseqOptimizer
+    from fairseq.optim.lr_scheduler.cosine_lr_scheduler import CosineLRSchedule, CosineLRScheduleConfig
+
+    class Optimizer(FairseqOptimizer):  # what a fairseq lr scheduler needs of its optimizer
+        lr = None
+
+        def __init__(self):
+            pass
+
+        def set_lr(self, lr):
+            self.lr = lr
+
+        def get_lr(self):
+            return self.lr
+
+    cfg = resolve("distilled_imagenet")
+    group = cfg.optimizer.groups.default
+    sched_cfg = CosineLRScheduleConfig(warmup_updates=group.lr_scheduler.warmup_updates, lr=[group.lr_float],
+                                       max_update=cfg.optimization.max_update)  # the composite's II("optimization.max_update")
+    schedule = CosineLRSchedule(sched_cfg, Optimizer())
+    lrs = {n: schedule.step_update(n) for n in (5000, 14 * 5005, 15 * 5005 - 1)}
+    assert lrs[5000] == pytest.approx(1e-3)  # peak after warmup
+    assert lrs[14 * 5005] > 1e-5  # epoch 15 still trains at a real lr
+    assert lrs[15 * 5005 - 1] < 1e-9  # the last update of epoch 15 is the end of the period

@@ -45,20 +45,29 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(image_root, cache_dir
 
 # --- resume after a crash ----------------------------------------------------------------------
 
-def test_killed_run_resumes_to_the_same_weights_and_accuracy(tmp_path, image_root):
-    # mixup and drop path on: every source of randomness must survive the restart
-    extra = ["checkpoint.save_interval_updates=2", "model.drop_path_rate=0.1", "criterion.mixup_prob=1.0"]
-    whole = run(train_cmd(tmp_path, image_root, tmp_path / "whole", *extra))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    cmd = train_cmd(tmp_path, image_root, tmp_path / "killed", *extra)
+def kill_after_saving(cmd, update):
+    """Start a run and SIGKILL it right after it saved the checkpoint of ``update``."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # kill -9 in the middle of epoch 2, right after update 8 was saved
-        if "Saved checkpoint" in line and "@ 8 updates" in line:
+    for line in proc.stdout:
+        if "Saved checkpoint" in line and f"@ {update} updates" in line:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("precision", [[], ["common.bf16=true"], ["common.fp16=true"]], ids=["fp32", "bf16", "fp16"])
+def test_killed_run_resumes_to_the_same_weights_and_accuracy(tmp_path, image_root, precision):
+    # the recipes' loader (2 workers kept across epochs), mixup and drop path on: every source of
+    # randomness must survive the restart; half precision also needs fairseq's fp32 master weights and
+    # (fp16) its loss scaler restored. On the CPU: common.cpu=true, as the demo recipe sets.
+    extra = ["checkpoint.save_interval_updates=2", "model.drop_path_rate=0.1", "criterion.mixup_prob=1.0",
+             "dataset.num_workers=2", *precision]
+    whole = run(train_cmd(tmp_path, image_root, tmp_path / "whole", *extra))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cmd = train_cmd(tmp_path, image_root, tmp_path / "killed", *extra)
+    kill_after_saving(cmd, 8)  # in the middle of epoch 2
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
@@ -68,6 +77,11 @@ def test_killed_run_resumes_to_the_same_weights_and_accuracy(tmp_path, image_roo
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 12
     assert max_diff(a["model"], b["model"]) == 0.0  # bit-identical on CPU
     assert a["extra_state"]["val_loss"] == b["extra_state"]["val_loss"]
+    if precision:  # the weights fairseq steps are the fp32 masters, saved beside the half-precision model
+        masters = b["last_optimizer_state"]["d2v_fp32_masters"]
+        half = torch.bfloat16 if "bf16" in precision[0] else torch.float16
+        assert masters and all(m.dtype == torch.float32 for m in masters)
+        assert any(not torch.equal(m, m.to(half).float()) for m in masters)  # finer than the model's weights
 
 
 # --- multi-process training --------------------------------------------------------------------
@@ -82,6 +96,7 @@ CPU_DDP = ["common.cpu=true", "distributed_training.distributed_world_size=2",
            "distributed_training.distributed_no_spawn=true", "distributed_training.device_id=0",
            "distributed_training.distributed_backend=gloo", "distributed_training.ddp_backend=legacy_ddp"]
 NO_MIXUP = ["criterion.mixup_alpha=0", "criterion.cutmix_alpha=0"]
+GLOBAL_BATCH_8 = ["task.global_batch_size=8", "dataset.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +105,16 @@ def single_process(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ddp")
     write_random_images(str(tmp / "images"), classes=3, per_class={"train": 8, "val": 5}, size=24)
-    # global batch 8: one process, batch 4, update_freq 2
-    result = run(train_cmd(tmp, tmp / "images", tmp / "single", *NO_MIXUP, "optimization.update_freq=[2]",
-                           "common.log_format=json"))
+    # global batch 8: one process of batch 4 gets update_freq 2 from task.global_batch_size
+    result = run(train_cmd(tmp, tmp / "images", tmp / "single", *NO_MIXUP, *GLOBAL_BATCH_8, "common.log_format=json"))
     assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "global batch 8 = dataset.batch_size 4 x 1 ranks x optimization.update_freq 2" in log
     return tmp
 
 
 def check_same_as_single_process(tmp, save_dir, output):
+    assert "global batch 8 = dataset.batch_size 4 x 2 ranks x optimization.update_freq 1" in output
     diff = max_diff(weights(tmp / "single" / "checkpoint_last.pt"), weights(save_dir / "checkpoint_last.pt"))
     assert diff < 1e-5, diff
     records = json_records(output, "val")
@@ -109,7 +126,7 @@ def check_same_as_single_process(tmp, save_dir, output):
 def test_two_processes_per_rank_match_one_process(single_process):
     tmp, port = single_process, free_port()
     procs = [subprocess.Popen(
-        train_cmd(tmp, tmp / "images", tmp / "per_rank", *NO_MIXUP, *CPU_DDP, "common.log_format=json",
+        train_cmd(tmp, tmp / "images", tmp / "per_rank", *NO_MIXUP, *CPU_DDP, *GLOBAL_BATCH_8, "common.log_format=json",
                   f"distributed_training.distributed_rank={rank}",
                   f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
@@ -122,7 +139,8 @@ def test_torchrun_two_processes_match_one_process(single_process):
     tmp = single_process
     launcher = [os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
                 "--no-python"]
-    result = run(train_cmd(tmp, tmp / "images", tmp / "torchrun", *NO_MIXUP, *CPU_DDP, "common.log_format=json",
+    result = run(train_cmd(tmp, tmp / "images", tmp / "torchrun", *NO_MIXUP, *CPU_DDP, *GLOBAL_BATCH_8,
+                           "common.log_format=json",
                            "distributed_training.distributed_init_method=env://",
                            "distributed_training.distributed_rank=${oc.env:RANK}", launcher=launcher))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -171,6 +189,43 @@ def test_interrupted_checkpoint_write_leaves_the_previous_file_loadable(tmp_path
     assert torch.equal(torch.load(last, weights_only=True)["model"]["w"], torch.zeros(3))
 
 
+def fp16_optimizer(precision):
+    """fairseq's FP16Optimizer over a tiny classifier in half precision, built from the demo recipe."""
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+    from test_recipes import resolve
+
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+
+    cfg = resolve("demo", f"common.{precision}=true")
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    model = Data2Vec2ImageClassifier(Data2Vec2ClassifierConfig(num_classes=3), tiny_encoder()).to(half)
+    return FP16Optimizer.build_optimizer(cfg, list(model.parameters())), model
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fairseqs_fp16_optimizer_state_lacks_the_masters_the_patch_saves_and_restores(precision):
+    from d2v_plugin import fairseq_patches
+
+    opt, model = fp16_optimizer(precision)
+    # upstream (fairseq-fixed 0.12.3.1): the optimizer state holds no fp32 master weights, so a resume
+    # rebuilds them from the half-precision model; when this fails, fairseq saves them and the patch can go
+    upstream = fairseq_patches._original_fp16_state_dict(opt)
+    assert not any(torch.is_tensor(v) or isinstance(v, list) for v in upstream.values())
+    with torch.no_grad():
+        for p in opt.fp32_params:
+            p.add_(torch.randn_like(p) * 1e-4)  # updates finer than the half-precision copy keeps
+    if opt.scaler is not None:
+        opt.scaler._iter, opt.scaler._last_overflow_iter = 37, 30
+    saved = opt.state_dict()
+
+    fresh, _ = fp16_optimizer(precision)  # what a resumed run builds: masters from the half weights
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.fp32_params, opt.fp32_params))
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.fp32_params, opt.fp32_params))
+    if precision == "fp16":
+        assert (fresh.scaler._iter, fresh.scaler._last_overflow_iter) == (37, 30)
+
+
 # --- numerical faults ---------------------------------------------------------------------------
 
 def test_nan_loss_stops_the_run_naming_the_update_and_keeps_weights_clean(tmp_path, image_root):
@@ -207,6 +262,10 @@ PLUGIN_ERRORS = ("d2v_plugin.", "ValueError: ", "FileNotFoundError: ")
     (["task.on_bad_image=ignore"], "task.on_bad_image='ignore': use skip or error"),
     (["task.device_decode=true", "task.auto_augment=rand-m9-mstd0.5-inc1"],
      "task.device_decode=true works with the plugin's augmentation only"),
+    (["task.global_batch_size=10"], "task.global_batch_size=10 is not reachable: dataset.batch_size=4 x 1 ranks x "
+                                    "optimization.update_freq=1 = 4, and 4 does not divide 10: set dataset.batch_size=2"),
+    (["common.cpu=false", "common.fp16=true"], "common.fp16=true but no CUDA device is available"),
+    (["common.cpu=false", "common.fp16=false", "common.bf16=true"], "to train on the CPU set common.cpu=true"),
 ])
 def test_wrong_settings_stop_with_one_line_naming_the_setting(tmp_path, image_root, overrides, expected):
     result = run(train_cmd(tmp_path, image_root, tmp_path / "run", *overrides))

@@ -12,6 +12,7 @@ import sys
 from d2v_plugin.atomic import atomic_path
 from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
+from d2v_plugin.models.classifier import MODEL_NAME
 
 
 def export(checkpoint: str, out: str, trust: bool = False) -> dict:
@@ -20,7 +21,7 @@ def export(checkpoint: str, out: str, trust: bool = False) -> dict:
     model = load_classifier(checkpoint, trust=trust)
     os.makedirs(out, exist_ok=True)
     meta = {
-        "format": EXPORT_FORMAT, "version": 1, "model": "data2vec2_image_classifier",
+        "format": EXPORT_FORMAT, "version": 1, "model": MODEL_NAME,
         "architecture": model.encoder.cfg.to_dict(), "pooling": model.cfg.pooling,
         "num_classes": model.cfg.num_classes, "classes": model.classes, "image_size": model.image_size,
         "eval_crop_ratio": model.crop_ratio, "mean": list(model.mean), "std": list(model.std),

@@ -1,10 +1,13 @@
 """The fairseq dataset over an image-folder index: decode to RGB, transform, skip or stop on bad images."""
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import random
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,10 +31,71 @@ PLUGIN_TRANSFORMS = (RandomResizedCropFlip, ResizeCenterCrop)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
+def image_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of image ``index``'s augmentation in ``epoch``: one number per (seed, epoch, image)."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + int(index)
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int):
+    """Run timm's transform (RandAugment, random erasing, the flip) from a known state of the global
+    RNGs it draws from (Python's ``random``, numpy's, torch's CPU generator), then put them back. Only
+    the CPU generator is touched: CUDA generators (drop path on a GPU) never see this."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class EpochBatch(Sequence):
+    """One training batch's image indices together with the epoch they are drawn for; iterating it
+    gives ``(epoch, index)`` keys for ``ImageFolderDataset.__getitem__``.
+
+    fairseq keeps its data-loading workers alive across epochs, and each worker holds its own copy of
+    the dataset, so ``set_epoch`` in the training process never reaches them. The epoch therefore
+    travels with every batch the workers are handed (see ``tag_batches_with_epoch``): image i of epoch
+    e gets the same crop whatever the number of workers, without restarting them each epoch."""
+
+    __slots__ = ("epoch", "indices")
+
+    def __init__(self, epoch: int, indices):
+        self.epoch, self.indices = int(epoch), indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        return (self.epoch, int(self.indices[k]))
+
+    def __repr__(self) -> str:
+        return f"EpochBatch(epoch={self.epoch}, indices={list(self.indices)})"
+
+
+def tag_batches_with_epoch(batch_sampler):
+    """fairseq's per-epoch batch sampler (``make_batches(dataset, epoch)``, or a frozen list of
+    batches) -> the same batches as ``EpochBatch`` objects carrying their epoch."""
+    def make_batches(dataset, epoch):
+        batches = batch_sampler(dataset, epoch) if callable(batch_sampler) else batch_sampler
+        return [EpochBatch(epoch, b) for b in batches]
+
+    make_batches.tags_epochs = True
+    return make_batches
+
+
 class ImageFolderDataset(FairseqDataset):
-    """Image ``i`` of epoch ``e`` is augmented with its own generator seeded from (seed, e, i): the same
-    crop and flip whatever the number of data-loading workers or GPUs, after resuming a killed run, and
-    without touching the global RNG (fairseq prefetches batches in a thread while the model trains)."""
+    """Image ``i`` of epoch ``e`` is augmented from a seed of (seed, e, i) alone: the same crop and flip
+    (and RandAugment draw) whatever the number of data-loading workers or GPUs, and after resuming a
+    killed run. The plugin's transforms draw from their own generator and never touch the global RNGs;
+    timm's transform draws from the global ones, which are seeded per image and restored around it.
+
+    Items are read by index (``ds[i]``: the epoch last given to ``set_epoch``) or by ``(epoch, i)``, the
+    keys of an ``EpochBatch`` (what the training split's batches hold)."""
 
     def __init__(self, index: FolderIndex, transform, on_bad_image: str = "skip", shuffle: bool = True,
                  seed: int = 1, normalize: bool = True, device_decode: bool = False):
@@ -40,7 +104,7 @@ class ImageFolderDataset(FairseqDataset):
         if device_decode and (normalize or not isinstance(transform, RandomResizedCropFlip)):
             raise ValueError("device_decode needs the plugin's training transform and normalize=False")
         # JPEGs stay encoded: the sample holds the bytes, crop box and flip, and the consumer decodes
-        # the batch on its device (decode_crops); other formats are decoded here as usual
+        # the batch on its device (data/device_batch.py); other formats are decoded here as usual
         self.device_decode = device_decode
         self.index = index
         self.transform = transform
@@ -52,21 +116,27 @@ class ImageFolderDataset(FairseqDataset):
         self.sizes = np.ones(len(index), dtype=np.int64)  # every image is one example
         self.bad_seen = 0
 
+    @property
+    def uses_global_rngs(self) -> bool:
+        """timm's transform draws from process-wide RNGs (seeded per image here, see ``seeded_global_rngs``)."""
+        return not isinstance(self.transform, PLUGIN_TRANSFORMS)
+
     def __len__(self) -> int:
         return len(self.index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         path = os.path.join(self.index.split_dir, self.index.files[i])
-        plugin = isinstance(self.transform, PLUGIN_TRANSFORMS)
+        seed = image_seed(self.seed, epoch, i)
         try:
             with open(path, "rb") as f:
                 data = f.read()
             with Image.open(io.BytesIO(data)) as img:
-                if plugin:  # the plugin's transforms decode the file themselves (from the header's size on)
-                    g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+                if not self.uses_global_rngs:  # the plugin's transforms decode the file themselves
+                    g = torch.Generator().manual_seed(seed)
                     if self.device_decode and tensor_decodable(img):
                         box, flip = self.transform.draw(img, g)  # the crop the transform would take
                         return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": path,
@@ -80,18 +150,22 @@ class ImageFolderDataset(FairseqDataset):
             self.bad_seen += 1
             logger.warning(f"skipping unreadable image {path}: {err} ({self.bad_seen} skipped in this process)")
             return {"id": i, "image": None, "target": self.index.labels[i]}
-        if not plugin:  # timm's transforms (RandAugment path): their errors are bugs, not bad files
-            image = self.transform(decoded)
+        if self.uses_global_rngs:  # timm's transforms (RandAugment path): their errors are bugs, not bad files
+            with seeded_global_rngs(seed):
+                image = self.transform(decoded)
         return {"id": i, "image": image, "target": self.index.labels[i]}
 
     def collater(self, samples: list[dict]) -> dict:
-        decoded = [s for s in samples if s.get("image") is not None]
-        encoded = [s for s in samples if "jpeg" in s]
-        good = decoded + encoded  # the batch's order: decoded images first, then the still-encoded ones
+        """Samples -> a batch in the samples' order, unreadable images left out. With ``device_decode``
+        the still-encoded JPEGs are listed under ``encoded`` with their places in the batch, and
+        ``net_input.images`` holds the images decoded here, in batch order without those places:
+        ``data.device_batch.decode_on_device`` fills them in."""
+        good = [s for s in samples if s.get("image") is not None or "jpeg" in s]
         if not good:
             return {}  # fairseq treats an empty sample as a dummy batch
+        decoded = [s["image"] for s in good if "jpeg" not in s]
         if decoded:
-            images = torch.stack([s["image"] for s in decoded])
+            images = torch.stack(decoded)
         else:
             images = torch.empty((0, 3, self.transform.size, self.transform.size), dtype=torch.uint8)
         if images.dtype == torch.uint8 and self.normalize:  # the plugin's transforms leave it to the batch
@@ -104,9 +178,11 @@ class ImageFolderDataset(FairseqDataset):
             "ntokens": len(good),
             "bad_images": len(samples) - len(good),
         }
+        encoded = [(k, s) for k, s in enumerate(good) if "jpeg" in s]
         if encoded:  # plain Python values: fairseq moves tensors to the GPU, TorchCodec reads host bytes
-            batch["encoded"] = {"jpegs": [s["jpeg"] for s in encoded], "boxes": [s["box"] for s in encoded],
-                                "flips": [s["flip"] for s in encoded], "paths": [s["path"] for s in encoded]}
+            batch["encoded"] = {"positions": [k for k, _ in encoded], "jpegs": [s["jpeg"] for _, s in encoded],
+                                "boxes": [s["box"] for _, s in encoded], "flips": [s["flip"] for _, s in encoded],
+                                "paths": [s["path"] for _, s in encoded]}
         return batch
 
     def num_tokens(self, index: int) -> int:

@@ -55,14 +55,15 @@ _HARMLESS_GLOBALS = [
 ]
 
 
-def load_file(path: str, trust: bool = False) -> object:
-    """torch.load with weights_only=True; arbitrary unpickling only when the user trusts the file."""
+def load_file(path: str, trust: bool = False, mmap: bool = False) -> object:
+    """torch.load with weights_only=True; arbitrary unpickling only when the user trusts the file.
+    ``mmap``: tensors stay in the file until used (reading a checkpoint's config costs no memory)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(_HARMLESS_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)

@@ -16,6 +16,7 @@ from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 logger = logging.getLogger(__name__)
 
+MODEL_NAME = "data2vec2_image_classifier"
 POOLING_MODES = ("mean", "cls")
 ARCH_FIELDS = ("embed_dim", "num_heads", "mlp_ratio", "patch_size", "norm_eps")
 RESOLVED_FIELDS = (*ARCH_FIELDS, "depth", "image_size")  # written back into the config after building
@@ -104,7 +105,7 @@ def record_architecture(cfg, enc_cfg: EncoderConfig) -> None:
             setattr(cfg, key, getattr(enc_cfg, key))
 
 
-@register_model("data2vec2_image_classifier", dataclass=Data2Vec2ClassifierConfig)
+@register_model(MODEL_NAME, dataclass=Data2Vec2ClassifierConfig)
 class Data2Vec2ImageClassifier(BaseFairseqModel):
     def __init__(self, cfg: Data2Vec2ClassifierConfig, encoder: Data2Vec2ImageEncoder):
         super().__init__()

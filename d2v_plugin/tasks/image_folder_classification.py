@@ -11,8 +11,12 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
-from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_crops, normalize_batch
+from d2v_plugin.data.dataset import tag_batches_with_epoch
+from d2v_plugin.data.device_batch import decode_on_device
+from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 from d2v_plugin.models.classifier import record_architecture
+from d2v_plugin.training import (build_config_for_resume, checkpoint_fairseq_restores, check_precision,
+                                 resolve_update_freq, run_config)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,12 @@ class ImageFolderClassificationConfig(FairseqDataclass):
         default="skip", metadata={"help": "skip: drop unreadable images and log them; error: stop naming the file"}
     )
     train_split: str = field(default="train", metadata={"help": "folder whose classes define the label ids"})
+    global_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "the recipe's global batch (dataset.batch_size x GPUs x optimization.update_freq): at "
+                          "start-up update_freq is set to reach it on the GPUs at hand, or the run stops if "
+                          "it cannot be reached; null = no check"},
+    )
     rebuild_batches: bool = field(
         default=True,
         metadata={"help": "draw new batches every epoch (fairseq otherwise keeps the first epoch's batches and "
@@ -69,7 +79,7 @@ class ImageFolderClassificationTask(FairseqTask):
         self.classes = classes
 
     @classmethod
-    def setup_task(cls, cfg: ImageFolderClassificationConfig, **kwargs):
+    def setup_task(cls, cfg: ImageFolderClassificationConfig, from_checkpoint: bool = False, **kwargs):
         missing = OmegaConf.is_missing(cfg, "data") if OmegaConf.is_config(cfg) else cfg.data == MISSING
         if missing or not cfg.data:
             raise DataError("task.data is not set: pass task.data=<root holding train/ and val/ folders>")
@@ -80,10 +90,17 @@ class ImageFolderClassificationTask(FairseqTask):
         if cfg.device_decode and (cfg.auto_augment or cfg.random_erasing):
             raise DataError("task.device_decode=true works with the plugin's augmentation only: unset "
                             "task.auto_augment and task.random_erasing (timm's transform decodes in the workers)")
+        # the whole run's config, when fairseq-hydra-train set this task up for training (not when
+        # fairseq rebuilds a saved model: then the config is the checkpoint's)
+        run = None if from_checkpoint else run_config(cfg)
+        if run is not None:
+            check_precision(run.common)
+            resolve_update_freq(cfg.global_batch_size, run)
         train = index_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir)
         logger.info(f"{len(train.classes)} classes in {train.split_dir}")
         task = cls(cfg, train.classes)
         task._indexes = {cfg.train_split: train}
+        task.run = run
         return task
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
@@ -95,7 +112,9 @@ class ImageFolderClassificationTask(FairseqTask):
             transform = train_transform(self.cfg.image_size, self.cfg.train_crop_scale, self.cfg.auto_augment,
                                         self.cfg.random_erasing, self.cfg.fast_decode)
         else:
-            transform = eval_transform(self.cfg.image_size, self.cfg.eval_crop_ratio, self.cfg.fast_decode)
+            # no fast_decode here: validation computes exactly what cli.evaluate reports for the checkpoint,
+            # so the best checkpoint is picked on the pixels it is evaluated on
+            transform = eval_transform(self.cfg.image_size, self.cfg.eval_crop_ratio)
         # batches stay uint8 until train_step / valid_step: a quarter of the bytes to copy to the GPU,
         # and the normalisation runs there instead of in the data-loading workers
         self.datasets[split] = ImageFolderDataset(index, transform, self.cfg.on_bad_image, shuffle=is_train,
@@ -117,37 +136,8 @@ class ImageFolderClassificationTask(FairseqTask):
             sample["net_input"]["images"] = normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD).to(dtype)
 
     def decode_encoded(self, sample) -> bool:
-        """``task.device_decode``: decode the batch's still-encoded JPEGs and resize their crops on the
-        device the batch is on, appended after the images the workers decoded. A JPEG whose body does
-        not decode is left out of the batch (its target and id too) and counted in ``bad_images``, or
-        stops the run with ``on_bad_image=error``. True when no image at all is left: the batch then
-        runs as zeros with its gradient ignored, as fairseq does with its dummy batches."""
-        encoded = sample.pop("encoded", None) if sample else None
-        if not encoded:
-            return False
-        images = sample["net_input"]["images"]
-        device, first = sample["target"].device, images.shape[0]
-        crops = decode_crops(encoded["jpegs"], encoded["boxes"], encoded["flips"], self.cfg.image_size, device)
-        bad = [path for path, crop in zip(encoded["paths"], crops) if crop is None]
-        for path in bad:
-            if self.cfg.on_bad_image == "error":
-                raise DataError(f"unreadable image {path}: the JPEG data does not decode "
-                                "(task.on_bad_image=skip skips such files)")
-            logger.warning(f"skipping unreadable image {path}: the JPEG data does not decode")
-        good = [crop[None] for crop in crops if crop is not None]
-        sample["net_input"]["images"] = torch.cat([images, *good])
-        if not bad:
-            return False
-        sample["bad_images"] = sample.get("bad_images", 0) + len(bad)
-        if first == 0 and not good:
-            sample["net_input"]["images"] = torch.zeros((len(crops), *images.shape[1:]), dtype=images.dtype,
-                                                        device=images.device)
-            return True
-        keep = list(range(first)) + [first + k for k, crop in enumerate(crops) if crop is not None]
-        keep = torch.tensor(keep, device=device)
-        sample["id"], sample["target"] = sample["id"].index_select(0, keep), sample["target"].index_select(0, keep)
-        sample["nsentences"] = sample["ntokens"] = len(keep)
-        return False
+        """``task.device_decode``: the batch's JPEGs decoded on its device (``data.device_batch``)."""
+        return decode_on_device(sample, self.cfg.image_size, self.cfg.on_bad_image)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         ignore_grad = self.decode_encoded(sample) or ignore_grad
@@ -158,14 +148,28 @@ class ImageFolderClassificationTask(FairseqTask):
         self.normalize_images(sample, model)
         return super().valid_step(sample, model, criterion)
 
-    def get_batch_iterator(self, dataset, *args, required_batch_size_multiple=1, **kwargs):
+    def get_batch_iterator(self, dataset, *args, required_batch_size_multiple=1, num_workers=0, data_buffer_size=0,
+                           **kwargs):
+        is_train = dataset is self.datasets.get(self.cfg.train_split)
         # fairseq's batch_by_size drops the samples that do not fill a multiple of
         # required_batch_size_multiple: for mixup in training that is the point (even batches), but
         # validation must see every image
-        if dataset is not self.datasets.get(self.cfg.train_split):
+        if not is_train:
             required_batch_size_multiple = 1
-        return super().get_batch_iterator(dataset, *args, required_batch_size_multiple=required_batch_size_multiple,
-                                          **kwargs)
+        # With no workers fairseq loads batches in a background thread (data_buffer_size); timm's
+        # transform seeds and restores the process-wide RNGs per image, which would race with the
+        # training loop's own draws (drop path on the CPU), so that path then loads in the main thread.
+        if num_workers == 0 and getattr(dataset, "uses_global_rngs", False):
+            data_buffer_size = 0
+        epoch_iter = super().get_batch_iterator(dataset, *args, required_batch_size_multiple=required_batch_size_multiple,
+                                                num_workers=num_workers, data_buffer_size=data_buffer_size, **kwargs)
+        # fairseq keeps the workers (and their copies of the dataset) alive across epochs: the epoch
+        # travels with every training batch instead (data.dataset.EpochBatch). The iterator is cached
+        # per dataset, so it is tagged once; its batches are not built yet (fairseq builds them lazily).
+        if is_train and not getattr(epoch_iter.batch_sampler, "tags_epochs", False):
+            epoch_iter.batch_sampler = tag_batches_with_epoch(epoch_iter.batch_sampler)
+            epoch_iter._frozen_batches = None  # rebuild_batches=false: fairseq froze untagged batches already
+        return epoch_iter
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         expected = getattr(cfg, "num_classes", None)
@@ -174,7 +178,18 @@ class ImageFolderClassificationTask(FairseqTask):
                 f"model.num_classes={expected} but {os.path.join(self.cfg.data, self.cfg.train_split)} has "
                 f"{len(self.classes)} class folders: set model.num_classes={len(self.classes)}"
             )
-        model = super().build_model(cfg, from_checkpoint)
+        build_cfg = cfg
+        if from_checkpoint:  # fairseq loads the saved weights next: the recorded architecture is enough
+            build_cfg = build_config_for_resume(cfg, None)
+        elif getattr(self, "run", None) is not None:
+            resume = checkpoint_fairseq_restores(self.run.checkpoint)
+            if resume is not None:
+                # fairseq is about to load this checkpoint over the model: build the architecture it
+                # recorded, without reading model.pretrained_checkpoint (which may be gone by now)
+                build_cfg = build_config_for_resume(cfg, resume)
+                logger.info(f"resuming from {resume}: the model is built from the architecture saved there "
+                            "(model.pretrained_checkpoint is not read)")
+        model = super().build_model(build_cfg, from_checkpoint)
         # fairseq built the model from a merged copy of cfg; the trainer saves this one
         record_architecture(cfg, model.encoder.cfg)
         return model
