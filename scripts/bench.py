@@ -272,7 +272,7 @@ def bench_end_to_end(updates: int):
     bin_dir = os.path.dirname(sys.executable)
     common = [f"optimization.max_update={updates}", "optimization.max_epoch=0", "dataset.disable_validation=true",
               "checkpoint.no_save=true", "common.log_format=json", f"common.log_interval={updates // 2}",
-              f"task.data={work}/data"]
+              f"task.data={work}/data", "dataset.num_workers=2"]  # the demo recipe's loader, for both
     commands = {
         "ours": [os.path.join(bin_dir, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
                  "common.user_dir=d2v_plugin", f"model.pretrained_checkpoint={work}/init.pt", *common],
