@@ -131,7 +131,7 @@ def build_config_for_resume(cfg, checkpoint_path: str | None):
     from d2v_plugin.models.classifier import MODEL_NAME, RESOLVED_FIELDS
 
     if checkpoint_path is None:
-        if any(getattr(cfg, k, None) is None for k in RESOLVED_FIELDS):
+        if any(getattr(cfg, k, None) is None for k in RESOLVED_FIELDS if k != "prenet_depth"):
             return cfg  # not a config this plugin recorded: build it as given
         return _with(cfg, pretrained_checkpoint=None)
     saved_cfg = load_file(checkpoint_path, mmap=True).get("cfg") or {}
@@ -148,4 +148,4 @@ def build_config_for_resume(cfg, checkpoint_path: str | None):
         raise CheckpointError(
             f"{checkpoint_path} holds a run of another model ({'; '.join(wrong)}), and fairseq resumes from it: "
             f"train into another checkpoint.save_dir, or move that run away")
-    return _with(cfg, pretrained_checkpoint=None, **{k: saved[k] for k in RESOLVED_FIELDS})
+    return _with(cfg, pretrained_checkpoint=None, **{k: saved.get(k) for k in RESOLVED_FIELDS})

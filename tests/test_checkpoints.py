@@ -192,3 +192,42 @@ def test_trust_checkpoint_allows_full_unpickling(tmp_path, encoder):
     path, marker = write_malicious(tmp_path, encoder)
     build(path, trust_checkpoint=True)
     assert marker.exists()  # the user said they trust it: it ran, which is why it is off by default
+
+
+class CallsTimeit:
+    """A pickled object whose loading would run code through a module no deny-list names."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import timeit
+
+        return (timeit.timeit, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_names_outside_the_allow_list_are_stand_ins_never_imported_or_called(tmp_path, encoder):
+    import sys
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "odd.ckpt"
+    student = {f"model.{k}": v for k, v in to_data2vec_names(encoder.state_dict(), 2).items()}
+    torch.save({"state_dict": student, "hyper_parameters": {"x": CallsTimeit(marker)}}, path)
+    sys.modules.pop("timeit", None)
+    cfg, state = read_encoder_checkpoint(str(path), given={"num_heads": 4})
+    assert same_tensors(state, encoder.state_dict())
+    assert not marker.exists() and "timeit" not in sys.modules  # never imported, never called
+
+
+def test_modules_that_run_code_are_refused_outright(tmp_path, encoder):
+    import subprocess
+
+    class Spawns:
+        def __reduce__(self):
+            return (subprocess.Popen, (["touch", str(tmp_path / "ran")],))
+
+    path = tmp_path / "spawn.ckpt"
+    torch.save({"state_dict": encoder.state_dict(), "x": Spawns()}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle objects the file asks for \(subprocess.Popen\)"):
+        read_encoder_checkpoint(str(path))
+    assert not (tmp_path / "ran").exists()

@@ -140,3 +140,13 @@ def test_compiled_encoder_computes_the_same_logits_with_the_same_keys():
     with torch.no_grad():
         assert torch.allclose(compiled.eval()(images), eager.eval()(images), atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 1  # it really went through torch.compile
+
+
+def test_decayed_embeddings_sit_one_layer_below_the_first_block():
+    # MAE's rule, which the thesis' code follows: patch embedding, CLS and embedding norm at decay^(N+1)
+    model = make(layer_decay=0.5, depth=4, layer_decay_embeddings="decayed")
+    rules = model.param_group_rules()
+    for name in ("encoder.patch_embed.proj.weight", "encoder.cls_token", "encoder.norm_pre.weight"):
+        assert rules[name][1] == 0.5 ** 5, name
+    assert rules["encoder.blocks.0.attn.qkv.weight"][1] == 0.5 ** 4
+    assert rules["head.weight"][1] == rules["fc_norm.weight"][1] == 1.0

@@ -98,3 +98,15 @@ def test_metrics_reduce_over_workers():
         values = agg.get_smoothed_values()
     assert values["loss"] == pytest.approx(1.0)
     assert values["accuracy"] == pytest.approx(50.0) and values["top5"] == pytest.approx(87.5)
+
+
+def test_class_mean_is_the_thesis_codes_mean_over_batch_and_classes():
+    model, s = Recorder().train(), sample()
+    crit = criterion(mixup_alpha=0.7, cutmix_alpha=1.0, mixup_prob=1.0, class_mean=True)
+    loss, n, _ = crit(model, s)
+    mixup = Mixup(mixup_alpha=0.7, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                  label_smoothing=0.1, num_classes=NUM_CLASSES)
+    with data_utils.numpy_seed(3, 7):
+        mixed, soft = mixup(s["net_input"]["images"].clone(), s["target"])
+    thesis = torch.mean(-soft * F.log_softmax(model.lin(mixed.flatten(1)), dim=-1))  # over batch x classes
+    assert torch.allclose(loss / n, thesis)  # fairseq divides the summed loss by the sample size

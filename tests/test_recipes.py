@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from conftest import REPO
 
 CONFIG_DIR = os.path.join(REPO, "config")
+RECIPES = ["distilled_imagenet", "distilled_imagenet_thesis_code", "d2v2_base_imagenet", "demo"]
 
 
 def resolve(name, *extra):
@@ -59,8 +60,10 @@ def test_distilled_imagenet_has_every_table_1_value():
 def test_d2v2_base_imagenet_has_data2vecs_base_values():
     cfg = resolve("d2v2_base_imagenet")
     assert cfg.model.layer_decay == 0.65 and cfg.model.drop_path_rate == 0.1 and cfg.model.depth is None
+    assert cfg.model.drop_path_schedule == "data2vec"
     assert cfg.optimization.max_update == 250200 and list(cfg.optimization.lr) == [0.001]
-    for group, wd in zip(groups(cfg), (0.05, 0.0)):
+    # data2vec decayed every parameter (fairseq's composite ignores its weight_decay_scale): reproduced
+    for group, wd in zip(groups(cfg), (0.05, 0.05)):
         assert group.lr_float == 0.001 and list(group.optimizer.adam_betas) == [0.9, 0.95]
         assert group.optimizer.weight_decay == wd and "adam_eps" not in group.optimizer  # fairseq's 1e-8
         assert group.lr_scheduler.warmup_updates == 16000 and group.lr_scheduler.min_lr == 1e-6
@@ -72,7 +75,28 @@ def test_d2v2_base_imagenet_has_data2vecs_base_values():
     assert cfg.common.fp16 is True and cfg.checkpoint.best_checkpoint_metric == "accuracy"
 
 
-@pytest.mark.parametrize("name", ["distilled_imagenet", "d2v2_base_imagenet", "demo"])
+def test_thesis_code_recipe_differs_from_table_1_exactly_where_the_thesis_code_does():
+    table1, thesis = resolve("distilled_imagenet"), resolve("distilled_imagenet_thesis_code")
+    t = thesis
+    assert t.criterion.mixup_alpha == 0.8 and t.criterion.class_mean is True
+    for group in groups(t):
+        assert list(group.optimizer.adam_betas) == [0.9, 0.999] and group.optimizer.adam_eps == 1e-8
+        assert group.lr_scheduler.warmup_updates == 7506 and group.lr_float == 1e-3
+    assert t.optimization.clip_norm == 0.0
+    assert t.model.layer_decay == 0.81 and t.model.layer_decay_embeddings == "decayed"
+    assert t.task.auto_augment == "rand-m9-mstd0.5-inc1" and t.task.random_erasing == 0.25
+    assert t.task.eval_crop_ratio == 1.0
+    # and nothing else: every other setting is Table 1's
+    differ = {("criterion", "mixup_alpha"), ("criterion", "class_mean"), ("optimization", "clip_norm"),
+              ("model", "layer_decay"), ("model", "layer_decay_embeddings"), ("task", "auto_augment"),
+              ("task", "random_erasing"), ("task", "eval_crop_ratio"), ("checkpoint", "save_dir")}
+    for section in ("task", "model", "criterion", "optimization", "dataset", "checkpoint", "common"):
+        a, b = OmegaConf.to_container(table1[section]), OmegaConf.to_container(thesis[section])
+        assert {k for k in a if a[k] != b[k]} == {k for s, k in differ if s == section}, section
+    assert [g.optimizer.weight_decay for g in groups(t)] == [0.01, 0.0]
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_recipes_keep_relative_paths_working(name):
     cfg = resolve(name)
     assert cfg.common.user_dir == "d2v_plugin"
@@ -88,7 +112,7 @@ def test_bf16_is_one_override_of_the_table_1_recipe():
         assert OmegaConf.to_container(bf16[section]) == OmegaConf.to_container(fp16[section]), section
 
 
-@pytest.mark.parametrize("name", ["distilled_imagenet", "d2v2_base_imagenet", "demo"])
+@pytest.mark.parametrize("name", RECIPES)
 def test_every_setting_is_in_the_recipe_so_a_plain_override_works(name):
     # hydra refuses `task.x=...` for a key the recipe's section lacks (it would need `+task.x=...`):
     # every setting of the plugin's task, model and criterion is listed, bar the interpolated ones
@@ -206,3 +230,63 @@ def test_the_distilled_recipes_cosine_schedule_ends_with_epoch_15():
     assert lrs[5000] == pytest.approx(1e-3)  # peak after warmup
     assert lrs[14 * 5005] > 1e-5  # epoch 15 still trains at a real lr
     assert lrs[15 * 5005 - 1] < 1e-9  # the last update of epoch 15 is the end of the period
+
+
+# --- d2v2_base_imagenet trains as data2vec's own run did -----------------------------------------
+
+def applied_lr_and_weight_decay(optimizer, model) -> dict:
+    """name -> (lr, weight decay) that fairseq's composite optimizer really applies to the parameter.
+    (Read right after building it: fairseq keeps ``optimizers`` in a dict shared by all instances.)"""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group, cfg in optimizer.optimizers_config.items():
+        for param_group in optimizer.optimizers[group].param_groups:
+            for p in param_group["params"]:
+                out[names[id(p)]] = (cfg.lr[0], cfg.weight_decay)
+    return out
+
+
+def test_d2v2_base_recipe_applies_data2vecs_lr_scales_weight_decay_and_drop_path(tmp_path):
+    from fairseq.optim import build_optimizer
+    from reference import build_data2vec_model, data2vec, reference_classifier, save_like_fairseq
+
+    from d2v_plugin.models.checkpoints import to_data2vec_names
+    from d2v_plugin.models.classifier import Data2Vec2ImageClassifier
+
+    # data2vec's model and fairseq's optimizer from data2vec's own fine-tuning recipe
+    d2v, d2v_cfg = build_data2vec_model(embed_dim=32, num_heads=2, depth=10, prenet_depth=2, image_size=16,
+                                        patch_size=8)
+    save_like_fairseq(d2v, d2v_cfg, tmp_path / "base.pt")
+    theirs = reference_classifier(d2v, num_classes=10, drop_path_rate=0.1)
+    assert type(theirs).__name__ == "MaeImageClassificationModel"
+    recipe = OmegaConf.load(os.path.join(os.path.dirname(data2vec().d2v2.__file__), "..", "config", "vision",
+                                         "finetuning", "mae_imagenet_clean.yaml"))
+    cfg = resolve("d2v2_base_imagenet", f"model.pretrained_checkpoint={tmp_path / 'base.pt'}", "model.num_classes=10",
+                  "task.image_size=16")
+    their_root = OmegaConf.create(OmegaConf.to_container(cfg))  # fairseq's other groups, data2vec's optimizer
+    their_root.optimizer = recipe.optimizer
+    their_root.optimization.max_update = recipe.optimization.max_update
+    their_opt = build_optimizer(their_root.optimizer, [p for p in theirs.parameters() if p.requires_grad])
+    applied_theirs = applied_lr_and_weight_decay(their_opt, theirs)
+
+    # ours from d2v2_base_imagenet, starting from the same checkpoint
+    ours = Data2Vec2ImageClassifier.build_model(cfg.model)
+    our_opt = build_optimizer(cfg.optimizer, [p for p in ours.parameters() if p.requires_grad])
+
+    to_theirs = {f"encoder.{k}": f"model.{v}" for k, v in zip(
+        ours.encoder.state_dict(), to_data2vec_names(dict.fromkeys(ours.encoder.state_dict()), prenet_depth=2))}
+    applied_ours = applied_lr_and_weight_decay(our_opt, ours)
+    assert set(applied_theirs) == {to_theirs.get(n, n) for n in applied_ours}
+    for name, value in applied_ours.items():
+        assert applied_theirs[to_theirs.get(name, name)] == value, name
+    # norms, biases and CLS decayed as in data2vec's run; the deepest block at the full lr, the first at 0.65^12
+    assert applied_ours["encoder.blocks.0.norm1.bias"][1] == 0.05 and applied_ours["encoder.cls_token"][1] == 0.05
+    assert applied_ours["encoder.blocks.11.attn.qkv.weight"][0] == pytest.approx(1e-3 * 0.65)
+    assert applied_ours["encoder.blocks.0.attn.qkv.weight"][0] == pytest.approx(1e-3 * 0.65 ** 12)
+
+    def rates(blocks):
+        return [getattr(b.drop_path, "drop_prob", 0.0) for b in blocks]
+
+    their_blocks = [*theirs.model.modality_encoders["IMAGE"].context_encoder.blocks, *theirs.model.blocks]
+    assert rates(ours.encoder.blocks) == rates(their_blocks)  # per block, exactly
+    assert rates(their_blocks)[:3] == pytest.approx([0.0, 0.1 / 9, 0.2 / 9])

@@ -184,26 +184,45 @@ def log_lines(run_dir):
     return valid, updates
 
 
+def vit_flops(width, depth, tokens, patch, classes, in_chans=3):
+    """FLOPs of one image through the model, from its shapes (2 per multiply-add): the patch embedding,
+    per block qkv + projection + MLP (12 d^2 per token) and the two attention products (2 t^2 d), the head."""
+    patches = tokens - 1
+    block = 2 * (12 * tokens * width * width + 2 * tokens * tokens * width)
+    return 2 * in_chans * patch * patch * width * patches + depth * block + 2 * width * classes
+
+
 def test_compare_two_runs_writes_plots_and_a_report_matching_the_logs(runs, tmp_path):
     out = tmp_path / "report"
     assert compare_cli.main([str(runs["depth2"]), str(runs["depth4"]), "--out", str(out),
                              "--labels", "depth 2", "depth 4"]) == 0
-    for name in ("val_top1.png", "train_loss.png", "lr.png"):
+    for name in ("top1_vs_time.png", "val_top1.png", "train_loss.png", "lr.png"):
         with Image.open(out / name) as img:
             img.verify()
         with Image.open(out / name) as img:
             assert img.size[0] > 100 and len(img.convert("RGB").getcolors(1 << 20)) > 10  # not blank
     report = (out / "report.md").read_text()
+    assert "against the largest model, **depth 4**" in report
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in report.splitlines() if line.startswith("| depth")}
-    for label, run in (("depth 2", runs["depth2"]), ("depth 4", runs["depth4"])):
+    for label, run, depth in (("depth 2", runs["depth2"], 2), ("depth 4", runs["depth4"], 4)):
         valid, updates = log_lines(run)
         best_epoch, best = max(valid, key=lambda v: v[1])
         row = rows[label]
-        assert float(row[1]) == pytest.approx(best, abs=1e-3) and int(row[2]) == best_epoch
-        assert int(row[5].replace(",", "")) == max(updates) == 270
+        assert float(row[6]) == pytest.approx(best, abs=1e-3) and int(row[9]) == best_epoch
+        assert int(row[12].replace(",", "")) == max(updates) == 270
+        assert int(row[8].replace(",", "")) == 45 * best_epoch  # 45 updates per epoch: validated at its end
+        # encoder parameters counted from the checkpoint's tensors (the fixed positions are not trained)
+        saved = torch.load(run / "checkpoint_best.pt", weights_only=True)["model"]
+        expected = sum(v.numel() for k, v in saved.items() if k.startswith("encoder.") and k != "encoder.pos_embed")
+        assert int(row[0].replace(",", "")) == expected
+        # GFLOPs per image against a count from the shapes: 16 px, patch 4 -> 16 patches + CLS, 64 wide, 10 classes
+        assert float(row[2]) == pytest.approx(vit_flops(64, depth, 17, 4, 10) / 1e9, rel=1e-3)
+        assert float(row[4]) > 0 and float(row[13]) > 0 and float(row[14]) > 0
+    assert rows["depth 4"][1] == "1.00" and rows["depth 4"][7] == "+0.000"
     p2, p4 = (int(rows[k][0].replace(",", "")) for k in ("depth 2", "depth 4"))
     assert p4 - p2 == 2 * (12 * 64 * 64 + 13 * 64)  # two more 64-wide blocks, each 12d^2 + 13d
+    assert float(rows["depth 2"][1]) == pytest.approx(p2 / p4, abs=0.005)
 
 
 def error_line(capsys):

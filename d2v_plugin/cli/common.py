@@ -13,6 +13,10 @@ def make_parser(doc: str, trust_flag: bool = True) -> argparse.ArgumentParser:
     if trust_flag:
         parser.add_argument("--trust-checkpoint", action="store_true",
                             help="allow full unpickling of the checkpoint (runs code from the file: trusted files only)")
+        parser.add_argument("--num-heads", type=int, default=None,
+                            help="attention heads, for checkpoints that do not record them (Lightning state dicts)")
+        parser.add_argument("--norm-eps", type=float, default=None,
+                            help="LayerNorm eps, for checkpoints that do not record it")
     return parser
 
 

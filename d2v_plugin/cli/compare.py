@@ -1,16 +1,24 @@
-"""Compare fine-tuning runs side by side from fairseq's logs: PNG plots and a markdown report.
+"""Compare fine-tuning runs side by side, accuracy against cost: PNG plots and a markdown report.
 
     python -m d2v_plugin.cli.compare RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--labels A B ...]
+        [--batch-size 64] [--no-speed]
 
 RUN_DIR is a run's checkpoint.save_dir (the recipes keep hydra's log, hydra/hydra_train.log, there) or
-any folder holding fairseq log files (*.log), in fairseq's json or simple format. Writes
-val_top1.png (validation top-1 per epoch), train_loss.png and lr.png (per update), and report.md.
+any folder holding fairseq log files (*.log), in fairseq's json or simple format. From the logs: best
+top-1 / top-5 and the update they were reached at, training wall-clock and images/s. From the run's
+checkpoint (checkpoint_best.pt, else checkpoint_last.pt): encoder parameters, GFLOPs per image
+(torch.utils.flop_counter: 2 x multiply-adds; papers quoting 17.6 for ViT-B/16 count multiply-adds)
+and inference images/s at --batch-size measured on this machine's device (--no-speed skips it).
+Writes top1_vs_time.png (validation top-1 against training time: the accuracy/cost picture),
+val_top1.png (per epoch), train_loss.png and lr.png (per update), and report.md, whose table puts
+every run beside the largest one.
 """
 import glob
 import json
 import os
 import re
 import sys
+import time
 
 from d2v_plugin.cli.common import fail_cleanly, make_parser
 
@@ -90,12 +98,91 @@ def summarise(run: dict) -> dict:
     updates = max([r.get("num_updates", 0) for r in epochs + inner + valid] or [0])
     wall = max([r.get("wall", 0) for r in epochs + inner] or [0])
     speeds = [r["wps"] for r in epochs if isinstance(r.get("wps"), float)]
+
+    def at(record, key):
+        return None if record is None or record.get(key) is None else int(record[key])
+
     return {
         "params": run["params"],
-        "top1": best1["accuracy"] if best1 else None, "top1_epoch": int(best1["epoch"]) if best1 else None,
-        "top5": best5["top5"] if best5 else None, "top5_epoch": int(best5["epoch"]) if best5 else None,
+        "top1": best1["accuracy"] if best1 else None, "top1_epoch": at(best1, "epoch"),
+        "top1_update": at(best1, "num_updates"),
+        "top5": best5["top5"] if best5 else None, "top5_epoch": at(best5, "epoch"),
+        "top5_update": at(best5, "num_updates"),
         "updates": int(updates), "wall_s": wall, "images_per_s": sum(speeds) / len(speeds) if speeds else None,
     }
+
+
+def run_checkpoint(run_dir: str):
+    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def flops_per_image(model) -> int:
+    """FLOPs of one forward pass of one image (2 per multiply-add), torch's own flop counter. Attention
+    is counted through its math kernel: the counter has no formula for the CPU's fused kernel, and
+    would leave attention out on the CPU only."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.zeros(1, 3, model.image_size, model.image_size, device=next(model.parameters()).device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images)
+    return counter.get_total_flops()
+
+
+def inference_speed(model, batch_size: int = 64, batches: int = 3) -> tuple[float, str]:
+    """Images per second of the model's forward pass at ``batch_size`` on this machine's device (CUDA
+    if there is one), after one warm-up batch; returns (images/s, device)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    images = torch.randn(batch_size, 3, model.image_size, model.image_size, device=device)
+    with torch.no_grad():
+        model(images)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            model(images)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return batch_size * batches / (time.perf_counter() - start), device
+
+
+def model_costs(run_dir: str, batch_size: int = 64, speed: bool = True) -> dict:
+    """Encoder parameters, GFLOPs per image and inference images/s of the run's fine-tuned model."""
+    from d2v_plugin.inference import load_classifier
+
+    path = run_checkpoint(run_dir)
+    if path is None:
+        return {"checkpoint": None, "encoder_params": None, "gflops": None, "infer_images_per_s": None,
+                "device": None}
+    model = load_classifier(path)
+    costs = {"checkpoint": path, "encoder_params": sum(p.numel() for p in model.encoder.parameters()),
+             "gflops": flops_per_image(model) / 1e9, "infer_images_per_s": None, "device": None}
+    if speed:
+        costs["infer_images_per_s"], costs["device"] = inference_speed(model, batch_size)
+    return costs
+
+
+def _top1_over_time(run):
+    """(training hours, validation top-1) per validation: the time of the last logged update at or
+    before it (fairseq's train / train_inner records carry the wall-clock)."""
+    clock = sorted((r["num_updates"], r["wall"]) for r in run["inner"] + run["epochs"]
+                   if "num_updates" in r and "wall" in r)
+    ends = {int(r["epoch"]): r.get("num_updates") for r in run["epochs"]}
+    points = []
+    for v in run["valid"]:
+        upd = v.get("num_updates", ends.get(int(v["epoch"])))
+        walls = [w for u, w in clock if upd is not None and u <= upd]
+        if walls:
+            points.append((walls[-1] / 3600.0, v["accuracy"]))
+    return points
 
 
 def _lr(record):
@@ -126,6 +213,7 @@ def plot(runs, labels, out_dir):
     import matplotlib.pyplot as plt
 
     figures = {
+        "top1_vs_time.png": ("validation top-1 (%)", "training time (hours)", _top1_over_time),
         "val_top1.png": ("validation top-1 (%)", "epoch", _epoch_axis),
         "train_loss.png": ("training loss (nats)", "update",
                            lambda r: [(v["num_updates"], v["loss"]) for v in r["inner"] if "loss" in v]),
@@ -139,7 +227,8 @@ def plot(runs, labels, out_dir):
             pts = points(run)
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if name == "val_top1.png" else None, markersize=3, label=label)
+                ax.plot(xs, ys, marker="o" if name.endswith("top1.png") or "time" in name else None, markersize=3,
+                        label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -156,15 +245,36 @@ def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
+def _ratio(value, reference, spec=".2f"):
+    return "n/a" if value is None or not reference else format(value / reference, spec)
+
+
 def write_report(summaries, labels, out_dir):
-    lines = ["# Fine-tuning runs compared", "",
-             "| run | trained params | best top-1 (%) | epoch | best top-5 (%) | epoch | updates | wall-clock (s) | images/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """report.md: one row per run, every run beside the largest model (the reference row)."""
+    sized = [s for s in summaries if s.get("encoder_params")]
+    ref = max(sized, key=lambda s: s["encoder_params"]) if sized else {}
+    ref_label = labels[summaries.index(ref)] if ref else "n/a"
+    devices = sorted({s["device"] for s in summaries if s.get("device")})
+    lines = ["# Fine-tuning runs compared: accuracy against cost", "",
+             f"Relative columns are against the largest model, **{ref_label}**. GFLOPs per image count 2 per "
+             f"multiply-add (torch.utils.flop_counter); inference images/s measured at batch "
+             f"{summaries[0].get('batch_size', 64)} on {', '.join(devices) or 'n/a'}; training time and images/s "
+             "from fairseq's logs.", "",
+             "| run | encoder params | x params | GFLOPs/image | x GFLOPs | inference images/s | x speed | "
+             "best top-1 (%) | top-1 vs largest | at update | epoch | best top-5 (%) | at update | updates | "
+             "training time (h) | training images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, s in zip(labels, summaries):
-        lines.append(f"| {label} | {_fmt(s['params'], ',')} | {_fmt(s['top1'], '.3f')} | {_fmt(s['top1_epoch'], 'd')} | "
-                     f"{_fmt(s['top5'], '.3f')} | {_fmt(s['top5_epoch'], 'd')} | {s['updates']:,} | "
-                     f"{_fmt(s['wall_s'], '.0f')} | {_fmt(s['images_per_s'], '.1f')} |")
-    lines += ["", "![validation top-1](val_top1.png)", "", "![training loss](train_loss.png)", "",
+        gap = None if s["top1"] is None or ref.get("top1") is None else s["top1"] - ref["top1"]
+        lines.append(
+            f"| {label} | {_fmt(s.get('encoder_params'), ',')} | {_ratio(s.get('encoder_params'), ref.get('encoder_params'))} | "
+            f"{_fmt(s.get('gflops'), '.4g')} | {_ratio(s.get('gflops'), ref.get('gflops'))} | "
+            f"{_fmt(s.get('infer_images_per_s'), '.1f')} | {_ratio(s.get('infer_images_per_s'), ref.get('infer_images_per_s'))} | "
+            f"{_fmt(s['top1'], '.3f')} | {_fmt(gap, '+.3f')} | {_fmt(s['top1_update'], ',')} | {_fmt(s['top1_epoch'], 'd')} | "
+            f"{_fmt(s['top5'], '.3f')} | {_fmt(s['top5_update'], ',')} | {s['updates']:,} | "
+            f"{_fmt(s['wall_s'] / 3600.0 if s['wall_s'] else None, '.3f')} | {_fmt(s['images_per_s'], '.1f')} |")
+    lines += ["", "![validation top-1 against training time](top1_vs_time.png)", "",
+              "![validation top-1 per epoch](val_top1.png)", "", "![training loss](train_loss.png)", "",
               "![learning rate](lr.png)", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
@@ -172,13 +282,14 @@ def write_report(summaries, labels, out_dir):
     return path
 
 
-def compare(run_dirs, out_dir, labels=None) -> dict:
+def compare(run_dirs, out_dir, labels=None, batch_size: int = 64, speed: bool = True) -> dict:
     runs = [read_run(d) for d in run_dirs]
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     if len(labels) != len(runs):
         raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
     os.makedirs(out_dir, exist_ok=True)
-    summaries = [summarise(r) for r in runs]
+    summaries = [{**summarise(r), **model_costs(d, batch_size, speed), "batch_size": batch_size}
+                 for r, d in zip(runs, run_dirs)]
     plots = plot(runs, labels, out_dir)
     return {"report": write_report(summaries, labels, out_dir), "plots": plots, "runs": dict(zip(labels, summaries))}
 
@@ -188,9 +299,11 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="run folders (checkpoint.save_dir of each run)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per run (default: folder names)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch for the inference speed measurement")
+    parser.add_argument("--no-speed", action="store_true", help="do not measure inference speed")
     args = parser.parse_args(argv)
     with fail_cleanly():
-        result = compare(args.runs, args.out, args.labels)
+        result = compare(args.runs, args.out, args.labels, args.batch_size, not args.no_speed)
     print(f"wrote {result['report']} and {len(result['plots'])} plots")
     return 0
 

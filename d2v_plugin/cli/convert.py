@@ -10,8 +10,9 @@ from d2v_plugin.cli.common import fail_cleanly, make_parser
 from d2v_plugin.models.checkpoints import COMPACT_FORMAT, atomic_torch_save, read_encoder_checkpoint
 
 
-def convert(src: str, out: str, depth=None, prefix=None, trust=False) -> dict:
-    cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix)
+def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=None, norm_eps=None) -> dict:
+    given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
+    cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix, given=given)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     atomic_torch_save({"format": COMPACT_FORMAT, "arch": cfg.to_dict(), "encoder": state,
                        "source": os.path.abspath(src)}, out)
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in SRC (default: found)")
     args = parser.parse_args(argv)
     with fail_cleanly():
-        info = convert(args.src, args.out, args.depth, args.prefix, args.trust_checkpoint)
+        info = convert(args.src, args.out, args.depth, args.prefix, args.trust_checkpoint, args.num_heads, args.norm_eps)
     print(f"wrote {info['out']}: {info['depth']} blocks x {info['embed_dim']} wide, "
           f"{info['parameters']:,} parameters, {info['bytes'] / 2**20:.1f} MiB")
     return 0

@@ -1,6 +1,9 @@
 """Evaluate a fine-tuned checkpoint on an image-folder split; prints {"top1", "top5", "n"} as one JSON line.
 
     python -m d2v_plugin.cli.evaluate CHECKPOINT --data ROOT [--split val] [--batch-size N]
+
+CHECKPOINT: written by fairseq-hydra-train with this plugin, an export folder, data2vec's own fine-tuned
+checkpoint (mae_image_classification) or the thesis' fine-tuned Lightning classifier.
 """
 from __future__ import annotations
 
@@ -38,15 +41,19 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
 
 def main(argv=None) -> int:
     parser = make_parser(__doc__)
-    parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (e.g. checkpoint_best.pt)")
+    parser.add_argument("checkpoint", help="fine-tuned checkpoint (e.g. checkpoint_best.pt) or export folder")
     parser.add_argument("--data", required=True, help="root holding <split>/<class>/<image>")
     parser.add_argument("--split", default="val")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
     parser.add_argument("--cache-dir", default=None, help="folder-index cache (default ~/.cache/d2v_plugin/index)")
+    parser.add_argument("--crop-ratio", type=float, default=None,
+                        help="resize the shorter side to size / ratio, centre-crop size (default: what the "
+                             "checkpoint's training validated with)")
     args = parser.parse_args(argv)
     with fail_cleanly():
-        model = load_classifier(args.checkpoint, trust=args.trust_checkpoint)
+        model = load_classifier(args.checkpoint, trust=args.trust_checkpoint, num_heads=args.num_heads,
+                                norm_eps=args.norm_eps, crop_ratio=args.crop_ratio)
         result = evaluate(model, args.data, args.split, args.batch_size, args.workers, args.cache_dir)
     print(json.dumps(result))
     return 0

@@ -15,10 +15,10 @@ from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
 from d2v_plugin.models.classifier import MODEL_NAME
 
 
-def export(checkpoint: str, out: str, trust: bool = False) -> dict:
+def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_eps=None) -> dict:
     from safetensors.torch import save_file
 
-    model = load_classifier(checkpoint, trust=trust)
+    model = load_classifier(checkpoint, trust=trust, num_heads=num_heads, norm_eps=norm_eps)
     os.makedirs(out, exist_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "version": 1, "model": MODEL_NAME,
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     with fail_cleanly():
-        meta = export(args.checkpoint, args.out, args.trust_checkpoint)
+        meta = export(args.checkpoint, args.out, args.trust_checkpoint, args.num_heads, args.norm_eps)
     print(f"exported {meta['num_classes']}-class model ({meta['architecture']['depth']} blocks) to {args.out}")
     return 0
 

@@ -23,9 +23,11 @@ from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, build_encode
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
 
 
-def load_encoder(path: str, image_size=None, trust=False, prefix=None) -> Data2Vec2ImageEncoder:
+def load_encoder(path: str, image_size=None, trust=False, prefix=None, num_heads=None,
+                 norm_eps=None) -> Data2Vec2ImageEncoder:
     """The frozen encoder of any checkpoint the model accepts, read as fine-tuning reads it."""
-    cfg = Data2Vec2ClassifierConfig(pretrained_checkpoint=path, trust_checkpoint=trust, checkpoint_prefix=prefix)
+    cfg = Data2Vec2ClassifierConfig(pretrained_checkpoint=path, trust_checkpoint=trust, checkpoint_prefix=prefix,
+                                    num_heads=num_heads, norm_eps=norm_eps)
     return build_encoder(cfg, image_size=image_size).eval()
 
 
@@ -74,8 +76,8 @@ def knn_classify(train_feats, train_labels, query_feats, num_classes, k=20, temp
 
 def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val_split="val", batch_size=64,
               workers=0, image_size=None, crop_ratio=0.875, cache_dir=None, trust=False, prefix=None,
-              index_cache=None) -> dict:
-    encoder = load_encoder(checkpoint, image_size, trust, prefix)
+              index_cache=None, num_heads=None, norm_eps=None) -> dict:
+    encoder = load_encoder(checkpoint, image_size, trust, prefix, num_heads, norm_eps)
     train_index = index_split(data, train_split, cache_dir=index_cache)
     val_index = index_split(data, val_split, classes=train_index.classes, cache_dir=index_cache)
     kw = dict(batch_size=batch_size, workers=workers, crop_ratio=crop_ratio)
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--k must be at least 1, got {args.k}")
         result = knn_probe(args.checkpoint, args.data, args.k, args.temperature, args.train_split, args.val_split,
                            args.batch_size, args.workers, args.image_size, args.crop_ratio, args.cache,
-                           args.trust_checkpoint, args.prefix)
+                           args.trust_checkpoint, args.prefix, num_heads=args.num_heads, norm_eps=args.norm_eps)
     print(json.dumps(result))
     return 0
 

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=int, default=5)
     args = parser.parse_args(argv)
     with fail_cleanly():
-        model = load_classifier(args.model, trust=args.trust_checkpoint)
+        model = load_classifier(args.model, trust=args.trust_checkpoint, num_heads=args.num_heads,
+                                norm_eps=args.norm_eps)
     failed = 0
     for record in predict(model, args.images, args.topk):
         failed += "error" in record

@@ -31,6 +31,11 @@ class MixupCrossEntropyConfig(FairseqDataclass):
     switch_prob: float = field(default=0.5, metadata={"help": "probability of cutmix instead of mixup"})
     mixup_mode: str = field(default="batch", metadata={"help": "timm Mixup mode: batch, pair or elem"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing (inside Mixup when mixing)"})
+    class_mean: bool = field(
+        default=False,
+        metadata={"help": "divide the loss by the number of classes (a mean over batch x classes, as the thesis' "
+                          "code computes it); with Adam this mostly changes how much eps weighs"},
+    )
     num_classes: int = II("model.num_classes")
     seed: int = II("common.seed")
     batch_size: Optional[int] = II("dataset.batch_size")
@@ -90,6 +95,8 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
             hits = top5 == target.unsqueeze(-1)
             log["correct"] = hits[:, 0].sum().detach()
             log["correct5"] = hits.any(dim=-1).sum().detach()
+        if self.cfg.class_mean:
+            loss = loss / self.cfg.num_classes
         log["loss"] = loss.detach()
         return loss, n, log
 

@@ -18,8 +18,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "data2vec2_image_classifier"
 POOLING_MODES = ("mean", "cls")
+LAYER_DECAY_EMBEDDINGS = ("full", "decayed")
 ARCH_FIELDS = ("embed_dim", "num_heads", "mlp_ratio", "patch_size", "norm_eps")
-RESOLVED_FIELDS = (*ARCH_FIELDS, "depth", "image_size")  # written back into the config after building
+GIVEN_WHERE_UNRECORDED = ("num_heads", "norm_eps")  # what a bare or Lightning state dict cannot tell
+RESOLVED_FIELDS = (*ARCH_FIELDS, "depth", "image_size", "prenet_depth")  # written back into the config after building
 
 
 @dataclass
@@ -49,8 +51,25 @@ class Data2Vec2ClassifierConfig(FairseqDataclass):
         metadata={"help": "layer-wise lr decay: block i of N gets lr * layer_decay^(N-i), as data2vec's "
                           "fine-tuning; 1.0 = off. Needs the composite optimizer (see the recipes)"},
     )
+    layer_decay_embeddings: str = field(
+        default="full",
+        metadata={"help": "lr of the patch embedding, CLS token and embedding norm under layer decay: full "
+                          "(1.0, as data2vec's mae_image_classification) or decayed (layer_decay^(N+1), as "
+                          "MAE/BEiT and the thesis' code: one layer below the first block)"},
+    )
     drop_path_rate: float = field(
-        default=0.0, metadata={"help": "stochastic depth, rising linearly to this rate at the last block"}
+        default=0.0, metadata={"help": "stochastic depth, rising to this rate at the last block"}
+    )
+    drop_path_schedule: str = field(
+        default="linear",
+        metadata={"help": "linear: from 0 at the first block to drop_path_rate at the last; data2vec: "
+                          "data2vec's fine-tuning schedule (spaced over the main blocks, the prenet blocks "
+                          "taking its first steps; the same as linear without prenet blocks)"},
+    )
+    prenet_depth: Optional[int] = field(
+        default=None,
+        metadata={"help": "how many of the first blocks were data2vec prenet blocks (only the data2vec "
+                          "drop-path schedule uses it); null = the checkpoint's"},
     )
     embed_dim: Optional[int] = field(default=None, metadata={"help": "width; null = checkpoint's (768 at random init)"})
     num_heads: Optional[int] = field(default=None, metadata={"help": "attention heads; null = checkpoint's (12)"})
@@ -72,9 +91,11 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
     """Encoder from a checkpoint (architecture read from it) or random init from the config fields."""
     explicit = {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k, None) is not None}
     image_size = image_size or cfg.image_size
+    schedule = getattr(cfg, "drop_path_schedule", "linear")
     if cfg.pretrained_checkpoint:
         enc_cfg, state = read_encoder_checkpoint(
-            cfg.pretrained_checkpoint, depth=cfg.depth, trust=cfg.trust_checkpoint, prefix=cfg.checkpoint_prefix
+            cfg.pretrained_checkpoint, depth=cfg.depth, trust=cfg.trust_checkpoint, prefix=cfg.checkpoint_prefix,
+            given={k: explicit[k] for k in GIVEN_WHERE_UNRECORDED if k in explicit},
         )
         wrong = [f"model.{k}={v} but the checkpoint has {getattr(enc_cfg, k)}"
                  for k, v in explicit.items() if v != getattr(enc_cfg, k)]
@@ -82,7 +103,9 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
             raise CheckpointError(
                 f"{cfg.pretrained_checkpoint}: architecture mismatch: {'; '.join(wrong)} (leave these null to use the checkpoint's)"
             )
-        enc_cfg = replace(enc_cfg, image_size=image_size or enc_cfg.image_size, drop_path_rate=cfg.drop_path_rate)
+        prenet = getattr(cfg, "prenet_depth", None)
+        enc_cfg = replace(enc_cfg, image_size=image_size or enc_cfg.image_size, drop_path_rate=cfg.drop_path_rate,
+                          drop_path_schedule=schedule, prenet_depth=enc_cfg.prenet_depth if prenet is None else prenet)
         encoder = Data2Vec2ImageEncoder(enc_cfg)
         load_encoder_state(encoder, state, cfg.pretrained_checkpoint)
         logger.info(f"loaded {enc_cfg.depth} encoder blocks from {cfg.pretrained_checkpoint}: {enc_cfg}")
@@ -92,6 +115,8 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
         depth=cfg.depth or EncoderConfig.depth,
         image_size=image_size or EncoderConfig.image_size,
         drop_path_rate=cfg.drop_path_rate,
+        drop_path_schedule=schedule,
+        prenet_depth=getattr(cfg, "prenet_depth", None) or 0,
     )
     logger.info(f"randomly initialised encoder: {enc_cfg}")
     return Data2Vec2ImageEncoder(enc_cfg)
@@ -142,9 +167,13 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         """name -> (group, lr_scale) for every trainable parameter.
 
         group: 'no_decay' for 1-D parameters (norms, biases) and the CLS token, 'default' otherwise.
-        lr_scale: block i of N gets layer_decay^(N - i); the head, patch embedding, CLS and the
-        embedding norm keep 1.0, as data2vec's ``mae_image_classification`` assigns them.
+        lr_scale: block i of N gets layer_decay^(N - i); the head keeps 1.0; the patch embedding, CLS
+        and the embedding norm keep 1.0 (``layer_decay_embeddings=full``, as data2vec's
+        ``mae_image_classification`` assigns them) or get layer_decay^(N + 1) (``decayed``, MAE's rule).
         """
+        if self.cfg.layer_decay_embeddings not in LAYER_DECAY_EMBEDDINGS:
+            raise ValueError(f"model.layer_decay_embeddings={self.cfg.layer_decay_embeddings!r}: use one of "
+                             f"{', '.join(LAYER_DECAY_EMBEDDINGS)}")
         n = len(self.encoder.blocks)
         rules = {}
         for name, p in self.named_parameters():
@@ -154,6 +183,8 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
             scale = 1.0
             if name.startswith("encoder.blocks."):
                 scale = self.cfg.layer_decay ** (n - int(name.split(".")[2]))
+            elif name.startswith("encoder.") and self.cfg.layer_decay_embeddings == "decayed":
+                scale = self.cfg.layer_decay ** (n + 1)
             rules[name] = (group, scale)
         return rules
 

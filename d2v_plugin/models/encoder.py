@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,9 +32,41 @@ class EncoderConfig:
     in_chans: int = 3
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
+    # how many of the first blocks sat in data2vec's prenet (its image context encoder) in the
+    # checkpoint: the same computation either way, but data2vec's drop-path schedule treats them apart
+    prenet_depth: int = 0
+    drop_path_schedule: str = "linear"  # see drop_path_rates
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DROP_PATH_SCHEDULES = ("linear", "data2vec")
+
+
+def drop_path_rates(rate: float, depth: int, prenet_depth: int = 0, schedule: str = "linear") -> list[float]:
+    """Stochastic-depth rate of each block.
+
+    ``linear``: from 0 at the first block to ``rate`` at the last (timm, MAE).
+    ``data2vec``: what data2vec's ``mae_image_classification`` builds: ``dpr = linspace(0, rate, M)``
+    over the M main blocks only, then the P prenet blocks get ``linspace(dpr[0], dpr[P-1], P)`` and
+    the main blocks ``linspace(dpr[P], dpr[-1], M)`` (so at 2 + 10 blocks the prenet's rates are the
+    first steps of a 10-step ramp and the main blocks start at its third). Equal to ``linear`` when
+    there is no prenet (data2vec's released checkpoints); undefined, as in data2vec, when M <= P.
+    """
+    if schedule not in DROP_PATH_SCHEDULES:
+        raise ValueError(f"model.drop_path_schedule={schedule!r}: use one of {', '.join(DROP_PATH_SCHEDULES)}")
+    if schedule == "linear":
+        return torch.linspace(0, rate, depth).tolist() if depth else []
+    main = depth - prenet_depth
+    if prenet_depth == 0:
+        return np.linspace(0, rate, main).tolist()
+    if main <= prenet_depth:
+        raise ValueError(f"model.drop_path_schedule=data2vec needs more main blocks than prenet blocks "
+                         f"({main} main, {prenet_depth} prenet: data2vec itself cannot build it); use linear")
+    dpr = np.linspace(0, rate, main)
+    return (np.linspace(dpr[0], max(0, dpr[prenet_depth - 1]), prenet_depth).tolist()
+            + np.linspace(dpr[prenet_depth], dpr[-1], main).tolist())
 
 
 def sincos_2d_positions(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -114,8 +147,7 @@ class Data2Vec2ImageEncoder(nn.Module):
         # Fixed, never trained: a buffer, saved with the weights so a checkpoint's own positions are used.
         self.register_buffer("pos_embed", sincos_2d_positions(cfg.embed_dim, self.grid, self.grid))
         self.norm_pre = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth else []
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.depth, cfg.prenet_depth, cfg.drop_path_schedule)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, rate) for rate in rates
         )
