@@ -16,6 +16,7 @@ $(STAMP):
 	$(PY) -m pip install -r requirements-dev.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -r requirements-fairseq.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	$(PY) -m d2v_plugin_quiet --install
 	$(PY) -c "import fairseq, timm, torch, d2v_plugin; print('torch', torch.__version__, 'timm', timm.__version__, 'fairseq', fairseq.__version__)"
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -18,6 +18,7 @@ setup(
     version="0.1.0",
     description="fairseq user-dir plugin: fine-tune Data2Vec2 image encoders and distilled students on image classification",
     packages=find_packages(include=["d2v_plugin", "d2v_plugin.*"]),
+    py_modules=["d2v_plugin_quiet"],  # stdlib only: also run at start-up from d2v_plugin_quiet.pth
     python_requires=">=3.11,<3.12",
     install_requires=requirements,
 )

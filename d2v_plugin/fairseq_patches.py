@@ -13,6 +13,12 @@ Each is written for fairseq-fixed 0.12.x and has a test showing the upstream beh
    its masters from the half-precision weights saved in the checkpoint (the low bits of every weight,
    where small updates accumulate, are lost) and restarts the scaler's growth window. The patch saves
    both in the optimizer state (``last_optimizer_state``) and restores them on load.
+
+3. Composite optimizers of their own. fairseq's ``FairseqCompositeOptimizer`` keeps its per-group
+   optimizers and lr schedulers in class attributes (``optimizers: Dict = {}``), so every instance
+   writes into the same two dicts: a second composite in a process (the trainer rebuilds its
+   optimizer when it resumes; a comparison builds two) sees the first one's groups, and fairseq's own
+   check that each group has a scheduler then fails. The patch gives each instance its own dicts.
 """
 import logging
 import os
@@ -20,6 +26,7 @@ import shutil
 
 import torch
 from fairseq.file_io import PathManager
+from fairseq.optim.composite import FairseqCompositeOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 
 from d2v_plugin.atomic import atomic_path
@@ -29,6 +36,7 @@ logger = logging.getLogger(__name__)
 _original_copy = PathManager.copy
 _original_fp16_state_dict = _FP16OptimizerMixin.state_dict
 _original_fp16_load_state_dict = _FP16OptimizerMixin.load_state_dict
+_original_composite_init = FairseqCompositeOptimizer.__init__
 
 MASTERS_KEY, SCALER_KEY = "d2v_fp32_masters", "d2v_loss_scaler"
 SCALER_COUNTERS = ("_iter", "_last_overflow_iter", "_last_rescale_iter", "_overflows_since_rescale")
@@ -79,9 +87,16 @@ def fp16_load_state_dict_with_masters(self, state_dict, optimizer_overrides=None
             setattr(self.scaler, k, v)
 
 
+def composite_init_with_own_dicts(self, cfg, params):
+    self.optimizers, self.lr_schedulers = {}, {}  # instance attributes, shadowing fairseq's shared class dicts
+    _original_composite_init(self, cfg, params)
+
+
 def install() -> None:
     if PathManager.copy is not atomic_copy:
         PathManager.copy = staticmethod(atomic_copy)
     if _FP16OptimizerMixin.state_dict is not fp16_state_dict_with_masters:
         _FP16OptimizerMixin.state_dict = fp16_state_dict_with_masters
         _FP16OptimizerMixin.load_state_dict = fp16_load_state_dict_with_masters
+    if FairseqCompositeOptimizer.__init__ is not composite_init_with_own_dicts:
+        FairseqCompositeOptimizer.__init__ = composite_init_with_own_dicts

@@ -121,12 +121,13 @@ def _with(cfg, **values):
     raise TypeError(f"not a model config: {type(cfg).__name__}")
 
 
-def build_config_for_resume(cfg, checkpoint_path: str | None):
+def build_config_for_resume(cfg, checkpoint_path: str | None, saved: dict | None = None):
     """A copy of the model config that builds the architecture a fine-tuned checkpoint recorded,
     without reading ``pretrained_checkpoint`` (fairseq loads the checkpoint's weights next).
 
     ``checkpoint_path=None``: ``cfg`` itself is a saved config (fairseq rebuilding a saved model).
-    Settings given explicitly that differ from the checkpoint's are an error naming the folder."""
+    ``saved``: the checkpoint already read (else it is read here). Settings given explicitly that
+    differ from the checkpoint's are an error naming the folder."""
     from d2v_plugin.models.checkpoints import CheckpointError, load_file
     from d2v_plugin.models.classifier import MODEL_NAME, RESOLVED_FIELDS
 
@@ -134,18 +135,19 @@ def build_config_for_resume(cfg, checkpoint_path: str | None):
         if any(getattr(cfg, k, None) is None for k in RESOLVED_FIELDS if k != "prenet_depth"):
             return cfg  # not a config this plugin recorded: build it as given
         return _with(cfg, pretrained_checkpoint=None)
-    saved_cfg = load_file(checkpoint_path, mmap=True).get("cfg") or {}
-    saved = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
-    if not isinstance(saved, dict) or saved.get("_name") != MODEL_NAME:
-        name = saved.get("_name") if isinstance(saved, dict) else None
+    saved = load_file(checkpoint_path, mmap=True) if saved is None else saved
+    saved_cfg = saved.get("cfg") or {}
+    model = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
+    if not isinstance(model, dict) or model.get("_name") != MODEL_NAME:
+        name = model.get("_name") if isinstance(model, dict) else None
         raise CheckpointError(
             f"{checkpoint_path} is not a {MODEL_NAME} run (model {name!r}): fairseq would resume from it; "
             f"train into another checkpoint.save_dir")
-    wrong = [f"model.{k}={getattr(cfg, k)} here, {saved.get(k)} there"
+    wrong = [f"model.{k}={getattr(cfg, k)} here, {model.get(k)} there"
              for k in (*RESOLVED_FIELDS, "num_classes", "pooling")
-             if getattr(cfg, k, None) is not None and saved.get(k) is not None and getattr(cfg, k) != saved.get(k)]
+             if getattr(cfg, k, None) is not None and model.get(k) is not None and getattr(cfg, k) != model.get(k)]
     if wrong:
         raise CheckpointError(
             f"{checkpoint_path} holds a run of another model ({'; '.join(wrong)}), and fairseq resumes from it: "
             f"train into another checkpoint.save_dir, or move that run away")
-    return _with(cfg, pretrained_checkpoint=None, **{k: saved.get(k) for k in RESOLVED_FIELDS})
+    return _with(cfg, pretrained_checkpoint=None, **{k: model.get(k) for k in RESOLVED_FIELDS})

@@ -57,7 +57,9 @@ def train_step_models(impls, depth: int) -> dict:
     d2v, cfg = ref.build_data2vec_model(depth=depth - 2, prenet_depth=2)  # base width, random weights
     models = {}
     if "ours" in impls:
-        import d2v_plugin  # noqa: F401
+        import d2v_plugin
+
+        d2v_plugin.register()
         from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 
         path = os.path.join(tempfile.mkdtemp(), "d2v.pt")
@@ -389,7 +391,9 @@ def write_markdown(results: dict, path: str):
 def main():
     import logging
 
-    import d2v_plugin  # noqa: F401  (fairseq's import sets the root logger to DEBUG: PIL would log every file)
+    import d2v_plugin
+
+    d2v_plugin.register()  # imports fairseq without the DEBUG root logger its import sets
     logging.getLogger().setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)

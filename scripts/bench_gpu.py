@@ -40,7 +40,6 @@ def build(impl, depth, ref):
     d2v, cfg = ref.build_data2vec_model(depth=depth - 2, prenet_depth=2)
     if impl == "reference":
         return ref.reference_classifier(d2v, num_classes=1000)
-    import d2v_plugin  # noqa: F401
     from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 
     path = os.path.join(tempfile.mkdtemp(), "d2v.pt")

@@ -22,11 +22,23 @@ from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 WORK = "demo_work"
 TARGET = 0.90
+CREATED = ("data", "init.pt", "run")  # what the demo writes under WORK, and all it ever deletes
+
+
+def clean_previous(work: str = WORK) -> None:
+    """Remove what an earlier demo wrote (a fresh run, not a resume of it); anything else a user put
+    in the folder (an export, a report) stays."""
+    for name in CREATED:
+        path = os.path.join(work, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def main() -> int:
     start = time.time()
-    shutil.rmtree(WORK, ignore_errors=True)
+    clean_previous()
     counts = write_digits(os.path.join(WORK, "data"))
     print(f"demo data: {counts} images in {WORK}/data", flush=True)
     torch.manual_seed(0)

@@ -333,3 +333,16 @@ def test_randaugment_path_runs_through_the_dataset(image_root, cache_dir):
     ds = ImageFolderDataset(index, train_transform(16, auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25))
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert batch["net_input"]["images"].shape == (24, 3, 16, 16) and batch["bad_images"] == 0
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_empty_class_folder_stops_naming_it(image_root, cache_dir, split):
+    (image_root / split / "class_9").mkdir()
+    (image_root / split / "class_9" / "notes.txt").write_text("no images here")
+    if split == "val":  # a class the train split has, empty in val
+        (image_root / "train" / "class_9").mkdir()
+        Image.new("RGB", (8, 8)).save(image_root / "train" / "class_9" / "a.png")
+    train_classes = None if split == "train" else index_split(str(image_root), "train", cache_dir=cache_dir).classes
+    with pytest.raises(DataError, match=rf"{split}: empty class folder\(s\) without image files: class_9;") as err:
+        index_split(str(image_root), split, classes=train_classes, cache_dir=cache_dir)
+    assert len(str(err.value).splitlines()) == 1

@@ -59,17 +59,25 @@ def add_bad_files(folder):
     (folder / "readme.txt").write_text("not an image")
 
 
-def test_bad_images_are_converted_or_skipped_and_logged(tmp_path, image_root):
+def test_bad_images_are_converted_or_skipped_and_each_reported_once(tmp_path, image_root):
     add_bad_files(image_root / "train" / "class_1")
-    run = train(tmp_path, image_root, "optimization.max_epoch=1", "optimization.max_update=4")
+    (image_root / "val" / "class_2" / "text.jpg").write_text("not an image")
+    run = train(tmp_path, image_root, "optimization.max_update=8")  # 2 whole epochs of 4 updates, 2 workers
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
     skipped = [line for line in log.splitlines() if "skipping unreadable image" in line]
+    # once per file for the whole run (not per worker, epoch or retry), with its path and the reason in words
     assert sorted(os.path.basename(line.split("unreadable image ")[1].split(":")[0]) for line in skipped) == [
-        "corrupt.jpg", "empty.jpg"]
+        "corrupt.jpg", "empty.jpg", "text.jpg"]
+    reasons = {os.path.basename(line.split("unreadable image ")[1].split(":")[0]): line for line in skipped}
+    assert "the file is empty" in reasons["empty.jpg"] and "truncated" in reasons["corrupt.jpg"].lower()
+    assert "not an image" in reasons["text.jpg"] and not any("0x" in line for line in skipped)
     assert "ignored 1 files without an image extension" in log and "readme.txt" in log
     train_stats = json_records(log, "train")
-    assert train_stats[-1]["train_bad_images"] == 2
+    assert [r["train_bad_images"] for r in train_stats] == [2, 2]  # every epoch meets both again ...
+    assert [r["train_bad_images_total"] for r in train_stats] == [2, 4]  # ... and the run's total grows
+    assert all("val_bad_images" not in r for r in json_records(log, "val"))  # a training statistic only
+    assert {r["val_n"] for r in json_records(log, "val")} == {12}  # 13 val files, the text one left out
 
 
 def test_on_bad_image_error_stops_naming_the_file(tmp_path, image_root):

@@ -50,7 +50,8 @@ def test_distilled_imagenet_has_every_table_1_value():
     c = cfg.criterion
     assert (c.mixup_alpha, c.cutmix_alpha, c.cutmix_minmax, c.mixup_prob, c.switch_prob, c.mixup_mode,
             c.label_smoothing) == (0.7, 1.0, None, 0.9, 0.5, "batch", 0.1)
-    assert cfg.common.fp16 is True and cfg.common.log_format == "json" and cfg.common.tensorboard_logdir == "tb"
+    assert cfg.common.fp16 is True and cfg.common.log_format == "json"
+    assert cfg.common.tensorboard_logdir == "checkpoints/distilled_imagenet/tb"  # one folder per run
     assert cfg.dataset.validate_interval == 1 and cfg.checkpoint.best_checkpoint_metric == "accuracy"
     assert cfg.checkpoint.maximize_best_checkpoint_metric is True
     assert list(cfg.task.train_crop_scale) == [0.08, 1.0] and cfg.task.eval_crop_ratio == 0.875
@@ -89,7 +90,8 @@ def test_thesis_code_recipe_differs_from_table_1_exactly_where_the_thesis_code_d
     # and nothing else: every other setting is Table 1's
     differ = {("criterion", "mixup_alpha"), ("criterion", "class_mean"), ("optimization", "clip_norm"),
               ("model", "layer_decay"), ("model", "layer_decay_embeddings"), ("task", "auto_augment"),
-              ("task", "random_erasing"), ("task", "eval_crop_ratio"), ("checkpoint", "save_dir")}
+              ("task", "random_erasing"), ("task", "eval_crop_ratio"), ("checkpoint", "save_dir"),
+              ("common", "tensorboard_logdir")}  # the last two: each run its own folder
     for section in ("task", "model", "criterion", "optimization", "dataset", "checkpoint", "common"):
         a, b = OmegaConf.to_container(table1[section]), OmegaConf.to_container(thesis[section])
         assert {k for k in a if a[k] != b[k]} == {k for s, k in differ if s == section}, section

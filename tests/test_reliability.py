@@ -199,6 +199,7 @@ def fp16_optimizer(precision):
     cfg = resolve("demo", f"common.{precision}=true")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
     model = Data2Vec2ImageClassifier(Data2Vec2ClassifierConfig(num_classes=3), tiny_encoder()).to(half)
+    model.assign_param_groups()  # as build_model does for training
     return FP16Optimizer.build_optimizer(cfg, list(model.parameters())), model
 
 
@@ -331,3 +332,27 @@ def test_config_values_are_never_evaluated(tmp_path, image_root):
     payload = f"__import__('os').system('touch {marker}')"
     result = run(train_cmd(tmp_path, image_root, tmp_path / "run", f"model.pooling=\"{payload}\""))
     assert result.returncode != 0 and not marker.exists()
+
+
+def test_fairseqs_composite_optimizers_share_their_groups_unless_patched():
+    from fairseq.optim import build_optimizer
+    from fairseq.optim.composite import FairseqCompositeOptimizer
+    from test_recipes import resolve
+
+    from d2v_plugin import fairseq_patches
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+
+    def build(cfg, layer_decay):
+        model = Data2Vec2ImageClassifier(Data2Vec2ClassifierConfig(num_classes=3, layer_decay=layer_decay),
+                                         tiny_encoder())
+        model.assign_param_groups()
+        return build_optimizer(cfg.optimizer, list(model.parameters()))
+
+    cfg = resolve("demo")
+    # upstream (fairseq-fixed 0.12.3.1): the groups live in class attributes shared by every instance;
+    # when this fails, fairseq keeps them per instance and the patch can go
+    assert isinstance(vars(FairseqCompositeOptimizer).get("optimizers"), dict)
+    first, second = build(cfg, 0.5), build(cfg, 1.0)  # a layer-decayed model, then a plain one
+    assert set(second.optimizers) == {"default", "no_decay"}  # not the first one's hashed groups
+    assert len(first.optimizers) > 2 and first.optimizers is not second.optimizers
+    assert fairseq_patches.FairseqCompositeOptimizer.__init__ is fairseq_patches.composite_init_with_own_dicts

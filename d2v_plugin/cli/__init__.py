@@ -1,7 +1,4 @@
-"""Command-line entry points: python -m d2v_plugin.cli.<name> --help."""
-import logging
+"""Command-line entry points: python -m d2v_plugin.cli.<name> --help.
 
-import d2v_plugin  # noqa: F401  (imports fairseq, whose text_to_speech task sets the root logger to DEBUG)
-
-# keep the commands' stderr to warnings and their own progress bars
-logging.getLogger().setLevel(logging.WARNING)
+Each command parses its arguments before it imports torch or fairseq, so ``--help`` and argument
+errors answer at once; ``common.load_heavy`` then imports fairseq quietly."""

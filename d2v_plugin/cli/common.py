@@ -1,15 +1,15 @@
-"""What the commands share: one clear error line and exit status 2 on bad input."""
+"""What the commands share: a parser whose usage is ``python -m d2v_plugin.cli.<name>``, one clear
+error line and exit status 2 on bad input, fairseq imported quietly after parsing."""
 import argparse
 import contextlib
+import logging
 import sys
 
-from d2v_plugin.data.index import DataError
-from d2v_plugin.models.checkpoints import CheckpointError
 
-
-def make_parser(doc: str, trust_flag: bool = True) -> argparse.ArgumentParser:
-    """A parser whose --help is the command's docstring; with the --trust-checkpoint flag by default."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(doc: str, name: str, trust_flag: bool = True) -> argparse.ArgumentParser:
+    """A parser whose --help is the command's docstring; with the checkpoint flags by default."""
+    parser = argparse.ArgumentParser(prog=f"python -m d2v_plugin.cli.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if trust_flag:
         parser.add_argument("--trust-checkpoint", action="store_true",
                             help="allow full unpickling of the checkpoint (runs code from the file: trusted files only)")
@@ -20,10 +20,21 @@ def make_parser(doc: str, trust_flag: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def load_heavy() -> None:
+    """Import fairseq (and with it torch) without the DEBUG root logger its import leaves behind, and
+    keep the command's stderr to warnings, errors and its own progress bar."""
+    import d2v_plugin_quiet
+
+    with d2v_plugin_quiet.fairseq_root_logging_undone():
+        import fairseq  # noqa: F401
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def fail_cleanly():
+    # the plugin's own errors (CheckpointError, DataError, ConfigError) are ValueErrors naming the problem
     try:
         yield
-    except (CheckpointError, DataError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -20,7 +20,7 @@ import re
 import sys
 import time
 
-from d2v_plugin.cli.common import fail_cleanly, make_parser
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 LINE = re.compile(r"\]\[(?P<tag>[^\]]+)\]\[INFO\] - (?P<body>.*)$")
 PARAMS = re.compile(r"num\. shared model params: ([\d,]+) \(num\. trained: ([\d,]+)\)")
@@ -295,13 +295,14 @@ def compare(run_dirs, out_dir, labels=None, batch_size: int = 64, speed: bool = 
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__, trust_flag=False)
+    parser = make_parser(__doc__, "compare", trust_flag=False)
     parser.add_argument("runs", nargs="+", help="run folders (checkpoint.save_dir of each run)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per run (default: folder names)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch for the inference speed measurement")
     parser.add_argument("--no-speed", action="store_true", help="do not measure inference speed")
     args = parser.parse_args(argv)
+    load_heavy()
     with fail_cleanly():
         result = compare(args.runs, args.out, args.labels, args.batch_size, not args.no_speed)
     print(f"wrote {result['report']} and {len(result['plots'])} plots")

@@ -6,11 +6,12 @@ compact encoder-only file (weights + architecture; no optimizer, EMA or decoder)
 import os
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly, make_parser
-from d2v_plugin.models.checkpoints import COMPACT_FORMAT, atomic_torch_save, read_encoder_checkpoint
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=None, norm_eps=None) -> dict:
+    from d2v_plugin.models.checkpoints import COMPACT_FORMAT, atomic_torch_save, read_encoder_checkpoint
+
     given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
     cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix, given=given)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -22,12 +23,13 @@ def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, "convert")
     parser.add_argument("src", help="data2vec 2.0 checkpoint, Lightning student checkpoint or bare state dict")
     parser.add_argument("--out", required=True, help="where to write the compact encoder file")
     parser.add_argument("--depth", type=int, default=None, help="keep the first N blocks (prenet blocks first)")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in SRC (default: found)")
     args = parser.parse_args(argv)
+    load_heavy()
     with fail_cleanly():
         info = convert(args.src, args.out, args.depth, args.prefix, args.trust_checkpoint, args.num_heads, args.norm_eps)
     print(f"wrote {info['out']}: {info['depth']} blocks x {info['embed_dim']} wide, "

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-from tqdm import tqdm
-
-from d2v_plugin.cli.common import fail_cleanly, make_parser
-from d2v_plugin.data import ImageFolderDataset, index_split
-from d2v_plugin.inference import load_classifier
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from d2v_plugin.data import ImageFolderDataset, index_split
+    from d2v_plugin.data.dataset import BadImageReport
+
     classes = model.classes or None
     index = index_split(data, split, classes=classes, cache_dir=cache_dir)
     if classes is None and len(index.classes) != model.cfg.num_classes:
@@ -27,8 +28,10 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=dataset.collater)
     top1 = top5 = n = 0
+    report_bad_images = BadImageReport()
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"evaluate {split}", file=sys.stderr, unit="batch"):
+            report_bad_images(batch)
             if not batch:
                 continue
             logits = model(batch["net_input"]["images"])
@@ -40,7 +43,7 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, "evaluate")
     parser.add_argument("checkpoint", help="fine-tuned checkpoint (e.g. checkpoint_best.pt) or export folder")
     parser.add_argument("--data", required=True, help="root holding <split>/<class>/<image>")
     parser.add_argument("--split", default="val")
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
                         help="resize the shorter side to size / ratio, centre-crop size (default: what the "
                              "checkpoint's training validated with)")
     args = parser.parse_args(argv)
+    load_heavy()
+    from d2v_plugin.inference import load_classifier
+
     with fail_cleanly():
         model = load_classifier(args.checkpoint, trust=args.trust_checkpoint, num_heads=args.num_heads,
                                 norm_eps=args.norm_eps, crop_ratio=args.crop_ratio)

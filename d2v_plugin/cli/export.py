@@ -10,13 +10,14 @@ import os
 import sys
 
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.cli.common import fail_cleanly, make_parser
-from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
-from d2v_plugin.models.classifier import MODEL_NAME
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_eps=None) -> dict:
     from safetensors.torch import save_file
+
+    from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
+    from d2v_plugin.models.classifier import MODEL_NAME
 
     model = load_classifier(checkpoint, trust=trust, num_heads=num_heads, norm_eps=norm_eps)
     os.makedirs(out, exist_ok=True)
@@ -36,10 +37,11 @@ def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, "export")
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    load_heavy()
     with fail_cleanly():
         meta = export(args.checkpoint, args.out, args.trust_checkpoint, args.num_heads, args.norm_eps)
     print(f"exported {meta['num_classes']}-class model ({meta['architecture']['depth']} blocks) to {args.out}")

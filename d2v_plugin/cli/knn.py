@@ -12,41 +12,47 @@ import json
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from d2v_plugin.cli.common import fail_cleanly, make_parser
-from d2v_plugin.data import ImageFolderDataset, eval_transform, index_split
-from d2v_plugin.models.checkpoints import atomic_torch_save
-from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, build_encoder
-from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
-def load_encoder(path: str, image_size=None, trust=False, prefix=None, num_heads=None,
-                 norm_eps=None) -> Data2Vec2ImageEncoder:
+def load_encoder(path: str, image_size=None, trust=False, prefix=None, num_heads=None, norm_eps=None):
     """The frozen encoder of any checkpoint the model accepts, read as fine-tuning reads it."""
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, build_encoder
+
     cfg = Data2Vec2ClassifierConfig(pretrained_checkpoint=path, trust_checkpoint=trust, checkpoint_prefix=prefix,
                                     num_heads=num_heads, norm_eps=norm_eps)
     return build_encoder(cfg, image_size=image_size).eval()
 
 
-@torch.no_grad()
 def features(encoder, index, batch_size=64, workers=0, crop_ratio=0.875, desc="features"):
     """[N, D] L2-normalised mean-pooled features and [N] labels, in index order."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from d2v_plugin.data import ImageFolderDataset, eval_transform
+    from d2v_plugin.data.dataset import BadImageReport
+
     dataset = ImageFolderDataset(index, eval_transform(encoder.cfg.image_size, crop_ratio), shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=dataset.collater)
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, file=sys.stderr, unit="batch"):
-        if batch:
-            tokens = encoder.extract_features(batch["net_input"]["images"])
-            feats.append(F.normalize(tokens[:, 1:].mean(dim=1), dim=-1))
-            labels.append(batch["target"])
+    report_bad_images = BadImageReport()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, file=sys.stderr, unit="batch"):
+            report_bad_images(batch)
+            if batch:
+                tokens = encoder.extract_features(batch["net_input"]["images"])
+                feats.append(F.normalize(tokens[:, 1:].mean(dim=1), dim=-1))
+                labels.append(batch["target"])
     return torch.cat(feats), torch.cat(labels)
 
 
 def cached_features(encoder, index, checkpoint, cache_dir=None, **kw):
+    import torch
+
+    from d2v_plugin.models.checkpoints import atomic_torch_save
+
     if not cache_dir:
         return features(encoder, index, **kw)
     st = os.stat(checkpoint)
@@ -54,6 +60,7 @@ def cached_features(encoder, index, checkpoint, cache_dir=None, **kw):
                                    len(index), encoder.cfg.image_size, kw.get("crop_ratio")]).encode()).hexdigest()
     path = os.path.join(cache_dir, f"{key}.pt")
     if os.path.isfile(path):
+        print(f"knn: reusing the {kw.get('desc', 'features')} features cached in {path}", file=sys.stderr)
         cached = torch.load(path, weights_only=True)
         return cached["features"], cached["labels"]
     feats, labels = features(encoder, index, **kw)
@@ -63,6 +70,8 @@ def cached_features(encoder, index, checkpoint, cache_dir=None, **kw):
 
 def knn_classify(train_feats, train_labels, query_feats, num_classes, k=20, temperature=0.07, chunk=1024):
     """Class scores [Q, C]: sum over the k nearest train features of exp(cos / T) for their class."""
+    import torch
+
     k = min(k, len(train_feats))
     scores = []
     for start in range(0, len(query_feats), chunk):
@@ -77,6 +86,8 @@ def knn_classify(train_feats, train_labels, query_feats, num_classes, k=20, temp
 def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val_split="val", batch_size=64,
               workers=0, image_size=None, crop_ratio=0.875, cache_dir=None, trust=False, prefix=None,
               index_cache=None, num_heads=None, norm_eps=None) -> dict:
+    from d2v_plugin.data import index_split
+
     encoder = load_encoder(checkpoint, image_size, trust, prefix, num_heads, norm_eps)
     train_index = index_split(data, train_split, cache_dir=index_cache)
     val_index = index_split(data, val_split, classes=train_index.classes, cache_dir=index_cache)
@@ -86,13 +97,13 @@ def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val
     scores = knn_classify(train_feats, train_labels, val_feats, len(train_index.classes), k, temperature)
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hits = top == val_labels.unsqueeze(1)
-    n = len(val_labels)
-    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item(), "k": k,
+    n = len(val_labels)  # exact fractions of counts, not float32 means
+    return {"top1": int(hits[:, 0].sum()) / n, "top5": int(hits.any(1).sum()) / n, "k": k,
             "temperature": temperature, "n": n, "n_train": len(train_labels)}
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, "knn")
     parser.add_argument("checkpoint", help="pretrained encoder or fine-tuned checkpoint")
     parser.add_argument("--data", required=True, help="root holding train/ and val/ class folders")
     parser.add_argument("--k", type=int, default=20)
@@ -106,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None, help="folder to keep computed features in, for reuse")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoint")
     args = parser.parse_args(argv)
+    load_heavy()
     with fail_cleanly():
         if args.k < 1:
             raise ValueError(f"--k must be at least 1, got {args.k}")

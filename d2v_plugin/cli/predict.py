@@ -8,14 +8,14 @@ MODEL is a trainer checkpoint or an export folder. An unreadable image gives
 import json
 import sys
 
-import torch
-
-from d2v_plugin.cli.common import fail_cleanly, make_parser
-from d2v_plugin.data import load_rgb
-from d2v_plugin.inference import load_classifier
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def predict(model, paths, topk: int = 5):
+    import torch
+
+    from d2v_plugin.data import load_rgb
+
     names = model.classes or [str(i) for i in range(model.cfg.num_classes)]
     k = min(topk, len(names))
     for path in paths:
@@ -32,11 +32,14 @@ def predict(model, paths, topk: int = 5):
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, "predict")
     parser.add_argument("model", help="fine-tuned checkpoint or export folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--topk", type=int, default=5)
     args = parser.parse_args(argv)
+    load_heavy()
+    from d2v_plugin.inference import load_classifier
+
     with fail_cleanly():
         model = load_classifier(args.model, trust=args.trust_checkpoint, num_heads=args.num_heads,
                                 norm_eps=args.norm_eps)

@@ -14,16 +14,15 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from PIL import Image
-from tqdm import tqdm
-
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.cli.common import fail_cleanly, make_parser
-from d2v_plugin.data.dataset import DECODE_ERRORS
-from d2v_plugin.data.index import IMAGE_EXTENSIONS
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def resize_one(job):
+    from PIL import Image
+
+    from d2v_plugin.data.dataset import DECODE_ERRORS
+
     src, dst, short_side, quality = job
     if os.path.exists(dst):
         return None
@@ -44,6 +43,8 @@ def resize_one(job):
 
 
 def jobs(root, out, short_side, quality):
+    from d2v_plugin.data.index import IMAGE_EXTENSIONS
+
     for dirpath, _, files in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         for name in sorted(files):
@@ -53,6 +54,8 @@ def jobs(root, out, short_side, quality):
 
 
 def preresize(root, out, short_side=320, quality=90, workers=None):
+    from tqdm import tqdm
+
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder not found: {root}")
     todo = list(jobs(root, out, short_side, quality))
@@ -65,13 +68,14 @@ def preresize(root, out, short_side=320, quality=90, workers=None):
 
 
 def main(argv=None) -> int:
-    parser = make_parser(__doc__, trust_flag=False)
+    parser = make_parser(__doc__, "preresize", trust_flag=False)
     parser.add_argument("root", help="dataset root holding <split>/<class>/<image>")
     parser.add_argument("--out", required=True, help="where to write the resized copy")
     parser.add_argument("--short-side", type=int, default=320)
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
+    load_heavy()
     with fail_cleanly():
         n, failed = preresize(args.root, args.out, args.short_side, args.quality, args.workers)
     for line in failed:

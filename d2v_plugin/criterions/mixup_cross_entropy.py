@@ -36,7 +36,8 @@ class MixupCrossEntropyConfig(FairseqDataclass):
         metadata={"help": "divide the loss by the number of classes (a mean over batch x classes, as the thesis' "
                           "code computes it); with Adam this mostly changes how much eps weighs"},
     )
-    num_classes: int = II("model.num_classes")
+    # null where the config has no model group (fairseq-validate's own): the task fills in its classes
+    num_classes: Optional[int] = II("oc.select:model.num_classes,null")
     seed: int = II("common.seed")
     batch_size: Optional[int] = II("dataset.batch_size")
 
@@ -80,7 +81,9 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
     def forward(self, model, sample, reduce=True):
         images, target = sample["net_input"]["images"], sample["target"]
         n = images.shape[0]
-        log = {"ntokens": n, "nsentences": n, "sample_size": n, "bad_images": sample.get("bad_images", 0)}
+        log = {"ntokens": n, "nsentences": n, "sample_size": n}
+        if model.training:  # a training statistic: images the batch left out (validation reports them too, once)
+            log["bad_images"] = sample.get("bad_images", 0)
         if model.training and self.mixup is not None:
             images, soft = self.mix(images, target, getattr(model, "num_updates", 0))
             logits = model(images)

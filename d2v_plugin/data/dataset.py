@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import random
+import re
 import struct
 from collections.abc import Sequence
 
@@ -29,6 +30,36 @@ def load_rgb(path: str) -> Image.Image:
 PLUGIN_TRANSFORMS = (RandomResizedCropFlip, ResizeCenterCrop)
 # what PIL raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def why_unreadable(err: Exception, data: bytes | None = None) -> str:
+    """The decoder's reason, in words a person can act on (PIL's messages name in-memory buffers)."""
+    if data is not None and not data:
+        return "the file is empty"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image: no decoder recognises its content"
+    if isinstance(err, Image.DecompressionBombError):
+        return f"larger than PIL's decompression-bomb limit ({err})"
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip()
+    return text or type(err).__name__
+
+
+class BadImageReport:
+    """Logs each unreadable image once (its path and the reason), however many times and in however
+    many data-loading workers it is met: the workers only hand the failures over with the batch
+    (``bad_files``), the consumer logs them here."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, batch: dict | None) -> int:
+        """Log the batch's failures not seen before; returns how many images the batch left out."""
+        for path, reason in (batch or {}).pop("bad_files", []):
+            if path not in self.seen:
+                self.seen.add(path)
+                logger.warning(f"skipping unreadable image {path}: {reason} (task.on_bad_image=skip; each file "
+                               f"is reported once)")
+        return (batch or {}).get("bad_images", 0)
 
 
 def image_seed(seed: int, epoch: int, index: int) -> int:
@@ -131,6 +162,7 @@ class ImageFolderDataset(FairseqDataset):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         path = os.path.join(self.index.split_dir, self.index.files[i])
         seed = image_seed(self.seed, epoch, i)
+        data = None
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -145,11 +177,11 @@ class ImageFolderDataset(FairseqDataset):
                 else:
                     decoded = img.convert("RGB")  # decoded now, a copy that outlives the file
         except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
+            reason = why_unreadable(err, data)
             if self.on_bad_image == "error":
-                raise DataError(f"unreadable image {path}: {err} (task.on_bad_image=skip skips such files)") from None
-            self.bad_seen += 1
-            logger.warning(f"skipping unreadable image {path}: {err} ({self.bad_seen} skipped in this process)")
-            return {"id": i, "image": None, "target": self.index.labels[i]}
+                raise DataError(f"unreadable image {path}: {reason} (task.on_bad_image=skip skips such files)") from None
+            self.bad_seen += 1  # reported by the consumer of the batch (BadImageReport), once per file
+            return {"id": i, "image": None, "target": self.index.labels[i], "bad": (path, reason)}
         if self.uses_global_rngs:  # timm's transforms (RandAugment path): their errors are bugs, not bad files
             with seeded_global_rngs(seed):
                 image = self.transform(decoded)
@@ -161,8 +193,12 @@ class ImageFolderDataset(FairseqDataset):
         ``net_input.images`` holds the images decoded here, in batch order without those places:
         ``data.device_batch.decode_on_device`` fills them in."""
         good = [s for s in samples if s.get("image") is not None or "jpeg" in s]
-        if not good:
-            return {}  # fairseq treats an empty sample as a dummy batch
+        if not good:  # fairseq runs an empty sample as its dummy batch, so the failures cannot travel with it
+            for s in samples:
+                if "bad" in s:
+                    logger.warning(f"skipping unreadable image {s['bad'][0]}: {s['bad'][1]} (a batch without any "
+                                   f"readable image)")
+            return {}
         decoded = [s["image"] for s in good if "jpeg" not in s]
         if decoded:
             images = torch.stack(decoded)
@@ -178,6 +214,8 @@ class ImageFolderDataset(FairseqDataset):
             "ntokens": len(good),
             "bad_images": len(samples) - len(good),
         }
+        if len(good) < len(samples):
+            batch["bad_files"] = [s["bad"] for s in samples if "bad" in s]
         encoded = [(k, s) for k, s in enumerate(good) if "jpeg" in s]
         if encoded:  # plain Python values: fairseq moves tensors to the GPU, TorchCodec reads host bytes
             batch["encoded"] = {"positions": [k for k, _ in encoded], "jpegs": [s["jpeg"] for _, s in encoded],

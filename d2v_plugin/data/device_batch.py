@@ -2,14 +2,10 @@
 are decoded and cropped there, back in their places in the batch."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from d2v_plugin.data.index import DataError
 from d2v_plugin.data.transforms import decode_crops
-
-logger = logging.getLogger(__name__)
 
 
 def decode_on_device(sample: dict, size: int, on_bad_image: str = "skip") -> bool:
@@ -32,7 +28,7 @@ def decode_on_device(sample: dict, size: int, on_bad_image: str = "skip") -> boo
         if on_bad_image == "error":
             raise DataError(f"unreadable image {path}: the JPEG data does not decode "
                             "(task.on_bad_image=skip skips such files)")
-        logger.warning(f"skipping unreadable image {path}: the JPEG data does not decode")
+    sample.setdefault("bad_files", []).extend((path, "the JPEG data does not decode") for path in bad)
 
     n, positions = len(sample["target"]), encoded["positions"]
     images = torch.empty((n, 3, size, size), dtype=torch.uint8, device=decoded_here.device)

@@ -168,6 +168,11 @@ def index_split(root: str, split: str, classes: list[str] | None = None, cache_d
     files = PathList(scan["blob"], scan["offsets"])
     if not len(files):
         raise DataError(f"{split_dir}: no image files found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    empty = [c for c, n in zip(found, scan["counts"]) if n == 0]
+    if empty:  # as torchvision's ImageFolder: a class without images would be trained on silently
+        shown = ", ".join(empty[:10]) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+        raise DataError(f"{split_dir}: empty class folder(s) without image files: {shown}; add images or "
+                        f"remove the folder(s) (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     index = FolderIndex(split_dir, list(classes), files, labels, [str(x) for x in scan["ignored"]])
     if index.ignored:
         logger.warning(

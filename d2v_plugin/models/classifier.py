@@ -145,7 +145,6 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         self.num_updates = 0
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
-        self.assign_param_groups()
 
     def init_head(self) -> None:
         """Table 1: LayerNorm weight 1, bias 0; Linear weight trunc_normal(std=0.02), bias 0."""
@@ -161,7 +160,9 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         record_architecture(cfg, encoder.cfg)
         if cfg.compile_encoder:
             encoder.compile()
-        return cls(cfg, encoder)
+        model = cls(cfg, encoder)
+        model.assign_param_groups()  # for training: a model built for inference needs no optimizer groups
+        return model
 
     def param_group_rules(self) -> dict[str, tuple[str, float]]:
         """name -> (group, lr_scale) for every trainable parameter.

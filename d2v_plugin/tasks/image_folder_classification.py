@@ -1,19 +1,22 @@
 """The fairseq task ``image_folder_classification``: ImageFolder-style splits, transforms, metrics."""
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from fairseq import metrics
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING, OmegaConf
+from omegaconf import II, MISSING, OmegaConf, open_dict
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
-from d2v_plugin.data.dataset import tag_batches_with_epoch
+from d2v_plugin.data.dataset import BadImageReport, tag_batches_with_epoch
 from d2v_plugin.data.device_batch import decode_on_device
 from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+from d2v_plugin.models.checkpoints import load_file
 from d2v_plugin.models.classifier import record_architecture
 from d2v_plugin.training import (build_config_for_resume, checkpoint_fairseq_restores, check_precision,
                                  resolve_update_freq, run_config)
@@ -77,6 +80,8 @@ class ImageFolderClassificationTask(FairseqTask):
     def __init__(self, cfg: ImageFolderClassificationConfig, classes: list[str]):
         super().__init__(cfg)
         self.classes = classes
+        self.report_bad_images = BadImageReport()  # each unreadable file logged once per run
+        self.bad_images_total = 0  # training images left out so far in the run (kept in checkpoints)
 
     @classmethod
     def setup_task(cls, cfg: ImageFolderClassificationConfig, from_checkpoint: bool = False, **kwargs):
@@ -141,12 +146,23 @@ class ImageFolderClassificationTask(FairseqTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         ignore_grad = self.decode_encoded(sample) or ignore_grad
+        self.report_bad_images(sample)
         self.normalize_images(sample, model)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
+        self.report_bad_images(sample)
         self.normalize_images(sample, model)
         return super().valid_step(sample, model, criterion)
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        # only training outputs carry bad_images (fairseq has summed them over the ranks already)
+        if not any("bad_images" in log for log in logging_outputs):
+            return
+        self.bad_images_total += sum(int(log["bad_images"]) for log in logging_outputs if "bad_images" in log)
+        if self.bad_images_total:  # the run's running total, beside the epoch's own bad_images
+            metrics.log_scalar("bad_images_total", self.bad_images_total, weight=0)
 
     def get_batch_iterator(self, dataset, *args, required_batch_size_multiple=1, num_workers=0, data_buffer_size=0,
                            **kwargs):
@@ -186,7 +202,10 @@ class ImageFolderClassificationTask(FairseqTask):
             if resume is not None:
                 # fairseq is about to load this checkpoint over the model: build the architecture it
                 # recorded, without reading model.pretrained_checkpoint (which may be gone by now)
-                build_cfg = build_config_for_resume(cfg, resume)
+                saved = load_file(resume, mmap=True)
+                build_cfg = build_config_for_resume(cfg, resume, saved)
+                task_state = saved.get("task_state") or {}  # fairseq restores the task's state only for inference
+                self.bad_images_total = int(task_state.get("bad_images_total", 0))
                 logger.info(f"resuming from {resume}: the model is built from the architecture saved there "
                             "(model.pretrained_checkpoint is not read)")
         model = super().build_model(build_cfg, from_checkpoint)
@@ -194,9 +213,17 @@ class ImageFolderClassificationTask(FairseqTask):
         record_architecture(cfg, model.encoder.cfg)
         return model
 
+    def build_criterion(self, cfg, from_checkpoint: bool = False):
+        # fairseq-validate's own config has no model group to take the criterion's num_classes from
+        # (`--criterion mixup_cross_entropy`): the classes are the task's
+        if getattr(cfg, "num_classes", 0) is None:
+            with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
+                cfg.num_classes = len(self.classes)
+        return super().build_criterion(cfg, from_checkpoint)
+
     def state_dict(self):
         # saved in every checkpoint as task_state: export and predict name classes from it
-        return {"classes": list(self.classes)}
+        return {"classes": list(self.classes), "bad_images_total": self.bad_images_total}
 
     def load_state_dict(self, state_dict):
         saved = (state_dict or {}).get("classes")
