@@ -13,15 +13,15 @@ import d2v_plugin_quiet  # noqa: F401  (known harmless third-party warnings, sil
 
 def register() -> None:
     """Register the plugin's task, model and criterion with fairseq and install its fixes to fairseq's
-    behaviour (d2v_plugin/fairseq_patches.py). Idempotent."""
+    behaviour (d2v_plugin/compat.py). Idempotent."""
     with d2v_plugin_quiet.fairseq_root_logging_undone():
         import fairseq  # noqa: F401
     import d2v_plugin.criterions  # noqa: F401
-    import d2v_plugin.fairseq_patches
+    import d2v_plugin.compat
     import d2v_plugin.models  # noqa: F401
     import d2v_plugin.tasks.image_folder_classification  # noqa: F401
 
-    d2v_plugin.fairseq_patches.install()
+    d2v_plugin.compat.install()
 
 
 def __getattr__(name):

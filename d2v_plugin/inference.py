@@ -7,17 +7,18 @@ import json
 import os
 from dataclasses import fields
 
-from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalized, eval_transform
-from d2v_plugin.models.checkpoints import (CheckpointError, classifier_from_object, encoder_from_object, load_file,
-                                           strict_load)
-from d2v_plugin.models.classifier import MODEL_NAME, Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+from d2v_plugin.data.config import DataConfig, resolve_data_config
+from d2v_plugin.data.device_batch import Normalized
+from d2v_plugin.data.transforms import eval_transform
+from d2v_plugin.models.checkpoints import CheckpointError, checkpoint_filter_fn, classifier_from_object, strict_load
+from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
+from d2v_plugin.models.safe_load import load_file
+from d2v_plugin.names import EXPORT_FORMAT, MODEL_NAME
 
-EXPORT_FORMAT = "d2v_plugin_classifier"
 
-
-def _build(model_cfg: dict, enc_cfg: EncoderConfig, state: dict, source: str, classes, crop_ratio,
-           mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Data2Vec2ImageClassifier:
+def _build(model_cfg: dict, enc_cfg: EncoderConfig, state: dict, source: str, classes,
+           data_cfg: DataConfig) -> Data2Vec2ImageClassifier:
     known = {f.name for f in fields(Data2Vec2ClassifierConfig)}
     cfg = Data2Vec2ClassifierConfig(**{k: v for k, v in model_cfg.items() if k in known})
     cfg.pretrained_checkpoint = None  # the weights come from the fine-tuned file itself
@@ -25,9 +26,11 @@ def _build(model_cfg: dict, enc_cfg: EncoderConfig, state: dict, source: str, cl
     strict_load(model, state, source)
     model.eval()
     model.classes = list(classes or [])
-    model.image_size, model.crop_ratio, model.mean, model.std = enc_cfg.image_size, crop_ratio, tuple(mean), tuple(std)
-    model.transform = eval_transform(enc_cfg.image_size, crop_ratio, mean=mean, std=std)  # uint8, for datasets
-    model.preprocess = Normalized(model.transform)  # PIL image -> normalised float tensor
+    model.data_cfg = data_cfg  # what evaluate, knn and export read
+    model.image_size, model.crop_ratio, model.mean, model.std = (data_cfg.image_size, data_cfg.crop_ratio,
+                                                                 data_cfg.mean, data_cfg.std)
+    model.transform = eval_transform(data_cfg.image_size, data_cfg.crop_ratio)  # uint8, for datasets
+    model.preprocess = Normalized(model.transform, data_cfg)  # PIL image -> normalised float tensor
     return model
 
 
@@ -45,7 +48,7 @@ def _load_export(folder: str) -> Data2Vec2ImageClassifier:
     enc_cfg = EncoderConfig(**meta["architecture"])
     model_cfg = {"num_classes": meta["num_classes"], "pooling": meta["pooling"]}
     return _build(model_cfg, enc_cfg, load_safetensors(weights_path), weights_path, meta.get("classes"),
-                  meta["eval_crop_ratio"], meta["mean"], meta["std"])
+                  resolve_data_config(export=meta))
 
 
 # how the fine-tuning code of each layout evaluated: data2vec resizes to 256 and crops 224; the
@@ -76,12 +79,12 @@ def load_classifier(path: str, trust: bool = False, num_heads: int | None = None
     model_cfg = (cfg or {}).get("model") if isinstance(cfg, dict) else None
     if not isinstance(model_cfg, dict) or model_cfg.get("_name") != MODEL_NAME:
         return _load_foreign(obj, path, given, crop_ratio)
-    enc_cfg, _ = encoder_from_object(obj, path, prefix="encoder.", given=given)
     task_cfg = cfg.get("task") or {}
-    enc_cfg.image_size = model_cfg.get("image_size") or task_cfg.get("image_size") or enc_cfg.image_size
+    data_cfg = resolve_data_config(task=task_cfg, model=model_cfg, crop_ratio=crop_ratio)
+    enc_cfg, _ = checkpoint_filter_fn(obj, path, prefix="encoder.", given=given)
+    enc_cfg.image_size = data_cfg.image_size
     classes = (obj.get("task_state") or {}).get("classes")
-    return _build(model_cfg, enc_cfg, obj["model"], path, classes,
-                  crop_ratio or task_cfg.get("eval_crop_ratio", 0.875))
+    return _build(model_cfg, enc_cfg, obj["model"], path, classes, data_cfg)
 
 
 def _load_foreign(obj, path: str, given: dict, crop_ratio) -> Data2Vec2ImageClassifier:
@@ -94,4 +97,5 @@ def _load_foreign(obj, path: str, given: dict, crop_ratio) -> Data2Vec2ImageClas
     enc_cfg, state = classifier_from_object(obj, path, given)
     source = "thesis" if "state_dict" in obj else "data2vec"
     model_cfg = {"num_classes": state["head.weight"].shape[0], "pooling": "mean"}
-    return _build(model_cfg, enc_cfg, state, path, None, crop_ratio or FOREIGN_CROP_RATIO[source])
+    data_cfg = resolve_data_config(image_size=enc_cfg.image_size, crop_ratio=crop_ratio or FOREIGN_CROP_RATIO[source])
+    return _build(model_cfg, enc_cfg, state, path, None, data_cfg)

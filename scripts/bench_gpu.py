@@ -24,10 +24,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 t
 
 
 def reference_module():
-    spec = importlib.util.spec_from_file_location("reference", os.path.join(REPO, "tests", "reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """data2vec's own code with its two shims (d2v_plugin/testing/reference.py)."""
+    from d2v_plugin.testing import reference
+
+    return reference
 
 
 def forward_flops_per_image(depth, dim=768, tokens=197, patches=196, patch=16, mlp=4, classes=1000):
@@ -82,7 +82,8 @@ def measure_device_decode(batch, repeats, device="cuda"):
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     from bench import write_photos
-    from d2v_plugin.data.transforms import decode_crops, sample_crop
+    from d2v_plugin.data.device_batch import decode_crops
+    from d2v_plugin.data.transforms import sample_crop
 
     paths, _ = write_photos(tempfile.mkdtemp(prefix="gpu_photos_"), count=batch)
     jpegs = [open(p, "rb").read() for p in paths]

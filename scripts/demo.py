@@ -17,7 +17,7 @@ import time
 import torch
 
 from d2v_plugin.demo_data import write_digits
-from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
+from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 WORK = "demo_work"

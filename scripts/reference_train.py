@@ -1,22 +1,18 @@
 """data2vec's own fine-tuning path under fairseq-hydra-train, for the end-to-end benchmark only.
 
-fairseq's examples/data2vec needs two shims on Python 3.11 (tests/reference.py applies them); this
-imports it that way, then runs fairseq-hydra-train's entry point with the command-line arguments.
+fairseq's examples/data2vec needs two shims on Python 3.11 (d2v_plugin/testing/reference.py applies
+them); this imports it that way, then runs fairseq-hydra-train's entry point with the command-line
+arguments.
 """
-import importlib.util
-import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from d2v_plugin.testing import reference
 
-spec = importlib.util.spec_from_file_location("reference", os.path.join(REPO, "tests", "reference.py"))
-reference = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reference)
 reference.data2vec()  # registers data2vec's tasks and models (mae_image_classification)
 
 # data2vec's fine-tuning transform is timm's RandAugment 'inc1', which crashes on Pillow >= 10 at full
 # strength; the plugin's fix (0 posterize bits = black, as before) lets the reference run too
-from d2v_plugin.data.transforms import install_timm_posterize_fix  # noqa: E402
+from d2v_plugin.compat import install_timm_posterize_fix  # noqa: E402
 
 install_timm_posterize_fix()
 

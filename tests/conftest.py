@@ -9,7 +9,7 @@ import torch
 
 import d2v_plugin
 from d2v_plugin.demo_data import write_random_images
-from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
+from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 d2v_plugin.register()  # the task, model and criterion, as loading the plugin as fairseq's user dir does

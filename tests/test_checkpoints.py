@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_encoder
-from d2v_plugin.models.checkpoints import (
-    COMPACT_FORMAT, CheckpointError, read_encoder_checkpoint, save_data2vec_checkpoint, to_data2vec_names,
-)
+from d2v_plugin.models.checkpoints import CheckpointError, read_encoder_checkpoint, to_data2vec_names
+from d2v_plugin.names import COMPACT_FORMAT
+from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 
 

@@ -10,7 +10,7 @@ from client_files import (earlier_kd_student, kd_student, save_data2vec_finetune
 from d2v_plugin.inference import load_classifier
 from d2v_plugin.models.checkpoints import CheckpointError, load_file, read_encoder_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
-from reference import build_data2vec_model, reference_classifier
+from d2v_plugin.testing.reference import build_data2vec_model, reference_classifier
 
 ARCH = dict(embed_dim=64, num_heads=4, image_size=32, patch_size=8)
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, load_rgb, train_transform
-from d2v_plugin.data.transforms import Normalized, RandomResizedCropFlip, sample_crop
+from d2v_plugin.data import DataConfig
+from d2v_plugin.data.device_batch import Normalized
+from d2v_plugin.data.transforms import RandomResizedCropFlip, sample_crop
 from d2v_plugin.data import index as index_module
 
 
@@ -100,7 +102,7 @@ def test_odd_formats_decode_to_rgb(tmp_path, mode, fmt, name):
 def test_eval_transform_resizes_shorter_side_then_centre_crops(tmp_path):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
-    out = Normalized(eval_transform(64, 0.875))(img)
+    out = Normalized(eval_transform(64, 0.875), DataConfig())(img)
     # independent: PIL bicubic resize of the shorter side to int(64 / 0.875) = 73, then the centre 64x64
     resized = img.resize((109, 73), Image.BICUBIC)
     left, top = round((109 - 64) / 2.0), round((73 - 64) / 2.0)
@@ -113,7 +115,7 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops(tmp_path):
 
 def test_train_transform_output_is_normalised_crop():
     img = Image.new("RGB", (120, 90), color=(124, 116, 104))  # ~ the ImageNet mean colour
-    out = Normalized(train_transform(32))(img)
+    out = Normalized(train_transform(32), DataConfig())(img)
     assert out.shape == (3, 32, 32)
     assert out.abs().max() < 0.02
 
@@ -219,7 +221,7 @@ def test_crop_resize_matches_torchvisions_random_resized_crop_within_rounding():
                                           ("RGB", {"subsampling": 0}), ("CMYK", {})])
 def test_jpeg_decoder_gives_pils_pixels(tmp_path, monkeypatch, mode, options):
     import torchcodec.decoders
-    from d2v_plugin.data.transforms import decode
+    from d2v_plugin.data.decode import decode
 
     calls, real = [], torchcodec.decoders.decode_jpeg
     monkeypatch.setattr(torchcodec.decoders, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -233,7 +235,7 @@ def test_jpeg_decoder_gives_pils_pixels(tmp_path, monkeypatch, mode, options):
 
 
 def test_jpeg_with_exif_rotation_is_decoded_unrotated_like_pil(tmp_path):
-    from d2v_plugin.data.transforms import decode
+    from d2v_plugin.data.decode import decode
 
     img = photos()["coffee"]
     exif = img.getexif()
@@ -245,7 +247,7 @@ def test_jpeg_with_exif_rotation_is_decoded_unrotated_like_pil(tmp_path):
 
 
 def test_truncated_jpeg_is_an_os_error_from_either_decoder(tmp_path):
-    from d2v_plugin.data.transforms import decode
+    from d2v_plugin.data.decode import decode
 
     photos()["coffee"].save(tmp_path / "a.jpg", quality=90)
     data = (tmp_path / "a.jpg").read_bytes()[:20000]

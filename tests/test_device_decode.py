@@ -8,7 +8,9 @@ from PIL import Image
 
 from conftest import json_records, run, train_cmd
 from d2v_plugin.data import DataError, ImageFolderDataset, train_transform
-from d2v_plugin.data.transforms import hwc_tensor, resize_crop, resize_in_float, sample_crop
+from d2v_plugin.data.decode import hwc_tensor
+from d2v_plugin.data.device_batch import decode_on_device
+from d2v_plugin.data.transforms import resize_crop, resize_in_float, sample_crop
 from d2v_plugin.tasks.image_folder_classification import (ImageFolderClassificationConfig,
                                                            ImageFolderClassificationTask)
 
@@ -51,8 +53,8 @@ def test_device_decoded_batch_equals_the_workers_batch(tmp_path):
     ds.set_epoch(3)
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert len(batch["encoded"]["jpegs"]) == 18 and batch["net_input"]["images"].shape[0] == 3  # the PNGs
-    assert task.decode_encoded(batch) is False and "encoded" not in batch
-    plain = ImageFolderDataset(ds.index, train_transform(32), shuffle=False, seed=1, normalize=False)
+    assert decode_on_device(batch, 32) is False and "encoded" not in batch
+    plain = ImageFolderDataset(ds.index, train_transform(32), shuffle=False, seed=1)
     plain.set_epoch(3)
     ref = plain.collater([plain[i] for i in range(len(plain))])
     assert batch["net_input"]["images"].shape == ref["net_input"]["images"].shape == (21, 3, 32, 32)
@@ -69,7 +71,7 @@ def test_a_jpeg_that_does_not_decode_is_dropped_with_its_target_and_counted(tmp_
     ds = task.datasets["train"]
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert len(batch["encoded"]["jpegs"]) == 18  # the workers never decode it: it is handed over
-    task.decode_encoded(batch)
+    decode_on_device(batch, 32)
     bad_id = ds.index.files.index("class_1/03.jpg")
     assert batch["bad_images"] == 1 and batch["nsentences"] == 17
     assert bad_id not in batch["id"].tolist() and batch["net_input"]["images"].shape[0] == 17
@@ -78,8 +80,7 @@ def test_a_jpeg_that_does_not_decode_is_dropped_with_its_target_and_counted(tmp_
 
     strict = task_for(root, tmp_path, on_bad_image="error").datasets["train"]
     with pytest.raises(DataError, match=r"unreadable image .*class_1/03.jpg"):
-        task_for(root, tmp_path, on_bad_image="error").decode_encoded(
-            strict.collater([strict[i] for i in range(len(strict))]))
+        decode_on_device(strict.collater([strict[i] for i in range(len(strict))]), 32, on_bad_image="error")
 
 
 def test_a_batch_with_nothing_decodable_runs_as_zeros_with_its_gradient_ignored(tmp_path):
@@ -89,7 +90,7 @@ def test_a_batch_with_nothing_decodable_runs_as_zeros_with_its_gradient_ignored(
     task = task_for(root, tmp_path)
     ds = task.datasets["train"]
     batch = ds.collater([ds[i] for i in range(len(ds))])
-    assert task.decode_encoded(batch) is True
+    assert decode_on_device(batch, 32) is True
     assert batch["bad_images"] == 6 and batch["net_input"]["images"].shape == (6, 3, 32, 32)
     assert not batch["net_input"]["images"].any()
 

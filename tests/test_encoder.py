@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from d2v_plugin.models.checkpoints import load_encoder_state, read_encoder_checkpoint
+from d2v_plugin.models.checkpoints import read_encoder_checkpoint, strict_load
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig, sincos_2d_positions
-from reference import build_data2vec_model, data2vec, save_like_fairseq
+from d2v_plugin.testing.reference import build_data2vec_model, data2vec, save_like_fairseq
 
 
 def reference_features(model, images):
@@ -123,14 +123,14 @@ def test_load_into_encoder_reports_every_bad_key(tmp_path):
     state["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
     state["extra.thing"] = torch.zeros(1)
     with pytest.raises(CheckpointError) as err:
-        load_encoder_state(enc, state, "somefile.pt")
+        strict_load(enc, state, "somefile.pt", what="the encoder")
     msg = str(err.value)
     assert "somefile.pt" in msg and "blocks.1.norm2.bias" in msg and "extra.thing" in msg
     assert "blocks.0.attn.qkv.weight" in msg
 
 
 def test_logits_match_data2vecs_mae_image_classification(tmp_path):
-    from reference import reference_classifier
+    from d2v_plugin.testing.reference import reference_classifier
 
     ref_d2v, cfg = build_data2vec_model(embed_dim=64, num_heads=4, depth=3, prenet_depth=2, image_size=32, patch_size=8)
     path = tmp_path / "d2v.pt"

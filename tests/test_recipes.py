@@ -189,7 +189,7 @@ def imagenet_sized_task():
 
     index = FolderIndex("/nowhere/train", ["c"], range(IMAGENET_TRAIN), np.zeros(IMAGENET_TRAIN, np.int64), [])
     task = ImageFolderClassificationTask(ImageFolderClassificationConfig(data="/nowhere", seed=1), ["c"])
-    task.datasets["train"] = ImageFolderDataset(index, RandomResizedCropFlip(), seed=1, normalize=False)
+    task.datasets["train"] = ImageFolderDataset(index, RandomResizedCropFlip(), seed=1)
     return task
 
 
@@ -250,7 +250,7 @@ def applied_lr_and_weight_decay(optimizer, model) -> dict:
 
 def test_d2v2_base_recipe_applies_data2vecs_lr_scales_weight_decay_and_drop_path(tmp_path):
     from fairseq.optim import build_optimizer
-    from reference import build_data2vec_model, data2vec, reference_classifier, save_like_fairseq
+    from d2v_plugin.testing.reference import build_data2vec_model, data2vec, reference_classifier, save_like_fairseq
 
     from d2v_plugin.models.checkpoints import to_data2vec_names
     from d2v_plugin.models.classifier import Data2Vec2ImageClassifier

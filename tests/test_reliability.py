@@ -205,7 +205,7 @@ def fp16_optimizer(precision):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_fairseqs_fp16_optimizer_state_lacks_the_masters_the_patch_saves_and_restores(precision):
-    from d2v_plugin import fairseq_patches
+    from d2v_plugin import compat as fairseq_patches
 
     opt, model = fp16_optimizer(precision)
     # upstream (fairseq-fixed 0.12.3.1): the optimizer state holds no fp32 master weights, so a resume
@@ -339,7 +339,7 @@ def test_fairseqs_composite_optimizers_share_their_groups_unless_patched():
     from fairseq.optim.composite import FairseqCompositeOptimizer
     from test_recipes import resolve
 
-    from d2v_plugin import fairseq_patches
+    from d2v_plugin import compat as fairseq_patches
     from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 
     def build(cfg, layer_decay):

@@ -25,7 +25,7 @@ from d2v_plugin.cli.knn import features, load_encoder
 from d2v_plugin.data import index_split
 from d2v_plugin.demo_data import write_digits
 from d2v_plugin.inference import load_classifier
-from d2v_plugin.models.checkpoints import save_data2vec_checkpoint
+from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 pytestmark = pytest.mark.slow

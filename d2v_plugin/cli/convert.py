@@ -10,7 +10,9 @@ from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=None, norm_eps=None) -> dict:
-    from d2v_plugin.models.checkpoints import COMPACT_FORMAT, atomic_torch_save, read_encoder_checkpoint
+    from d2v_plugin.atomic import atomic_torch_save
+    from d2v_plugin.models.checkpoints import read_encoder_checkpoint
+    from d2v_plugin.names import COMPACT_FORMAT
 
     given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
     cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix, given=given)

@@ -14,31 +14,21 @@ from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
 def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
+    """Top-1 / top-5 of a loaded classifier on a split, as exact fractions of the images it read."""
     import torch
-    from tqdm import tqdm
 
-    from d2v_plugin.data import ImageFolderDataset, index_split
-    from d2v_plugin.data.dataset import BadImageReport
+    from d2v_plugin.data import index_split
+    from d2v_plugin.evaluation import eval_batches, topk_correct
 
     classes = model.classes or None
     index = index_split(data, split, classes=classes, cache_dir=cache_dir)
     if classes is None and len(index.classes) != model.cfg.num_classes:
         raise ValueError(f"{data}/{split} has {len(index.classes)} classes but the model has {model.cfg.num_classes}")
-    dataset = ImageFolderDataset(index, model.transform, on_bad_image="skip", shuffle=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=dataset.collater)
     top1 = top5 = n = 0
-    report_bad_images = BadImageReport()
     with torch.no_grad():
-        for batch in tqdm(loader, desc=f"evaluate {split}", file=sys.stderr, unit="batch"):
-            report_bad_images(batch)
-            if not batch:
-                continue
-            logits = model(batch["net_input"]["images"])
-            hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == batch["target"].unsqueeze(-1)
-            top1 += int(hits[:, 0].sum())
-            top5 += int(hits.any(dim=-1).sum())
-            n += len(batch["target"])
+        for images, target in eval_batches(index, model.data_cfg, batch_size, workers, desc=f"evaluate {split}"):
+            c1, c5 = topk_correct(model(images), target)
+            top1, top5, n = top1 + int(c1), top5 + int(c5), n + len(target)
     return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "n": n}
 
 

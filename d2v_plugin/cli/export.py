@@ -16,16 +16,17 @@ from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_eps=None) -> dict:
     from safetensors.torch import save_file
 
-    from d2v_plugin.inference import EXPORT_FORMAT, load_classifier
-    from d2v_plugin.models.classifier import MODEL_NAME
+    from d2v_plugin.inference import load_classifier
+    from d2v_plugin.names import EXPORT_FORMAT, MODEL_NAME
 
     model = load_classifier(checkpoint, trust=trust, num_heads=num_heads, norm_eps=norm_eps)
     os.makedirs(out, exist_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "version": 1, "model": MODEL_NAME,
         "architecture": model.encoder.cfg.to_dict(), "pooling": model.cfg.pooling,
-        "num_classes": model.cfg.num_classes, "classes": model.classes, "image_size": model.image_size,
-        "eval_crop_ratio": model.crop_ratio, "mean": list(model.mean), "std": list(model.std),
+        "num_classes": model.cfg.num_classes, "classes": model.classes, "image_size": model.data_cfg.image_size,
+        "eval_crop_ratio": model.data_cfg.crop_ratio, "mean": list(model.data_cfg.mean),
+        "std": list(model.data_cfg.std), "interpolation": model.data_cfg.interpolation,
         "source": os.path.abspath(checkpoint),
     }
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -25,33 +25,28 @@ def load_encoder(path: str, image_size=None, trust=False, prefix=None, num_heads
 
 
 def features(encoder, index, batch_size=64, workers=0, crop_ratio=0.875, desc="features"):
-    """[N, D] L2-normalised mean-pooled features and [N] labels, in index order."""
+    """[N, D] L2-normalised features (the head's pooling: the mean of all tokens but CLS) and [N]
+    labels, in index order."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
-    from d2v_plugin.data import ImageFolderDataset, eval_transform
-    from d2v_plugin.data.dataset import BadImageReport
+    from d2v_plugin.data import resolve_data_config
+    from d2v_plugin.evaluation import eval_batches
+    from d2v_plugin.models.encoder import pool
 
-    dataset = ImageFolderDataset(index, eval_transform(encoder.cfg.image_size, crop_ratio), shuffle=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=dataset.collater)
+    data_cfg = resolve_data_config(image_size=encoder.cfg.image_size, crop_ratio=crop_ratio)
     feats, labels = [], []
-    report_bad_images = BadImageReport()
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, file=sys.stderr, unit="batch"):
-            report_bad_images(batch)
-            if batch:
-                tokens = encoder.extract_features(batch["net_input"]["images"])
-                feats.append(F.normalize(tokens[:, 1:].mean(dim=1), dim=-1))
-                labels.append(batch["target"])
+        for images, target in eval_batches(index, data_cfg, batch_size, workers, desc=desc):
+            feats.append(F.normalize(pool(encoder.extract_features(images), "mean"), dim=-1))
+            labels.append(target)
     return torch.cat(feats), torch.cat(labels)
 
 
 def cached_features(encoder, index, checkpoint, cache_dir=None, **kw):
     import torch
 
-    from d2v_plugin.models.checkpoints import atomic_torch_save
+    from d2v_plugin.atomic import atomic_torch_save
 
     if not cache_dir:
         return features(encoder, index, **kw)
@@ -87,6 +82,7 @@ def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val
               workers=0, image_size=None, crop_ratio=0.875, cache_dir=None, trust=False, prefix=None,
               index_cache=None, num_heads=None, norm_eps=None) -> dict:
     from d2v_plugin.data import index_split
+    from d2v_plugin.evaluation import topk_correct
 
     encoder = load_encoder(checkpoint, image_size, trust, prefix, num_heads, norm_eps)
     train_index = index_split(data, train_split, cache_dir=index_cache)
@@ -95,10 +91,9 @@ def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val
     train_feats, train_labels = cached_features(encoder, train_index, checkpoint, cache_dir, desc="train", **kw)
     val_feats, val_labels = cached_features(encoder, val_index, checkpoint, cache_dir, desc="val", **kw)
     scores = knn_classify(train_feats, train_labels, val_feats, len(train_index.classes), k, temperature)
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hits = top == val_labels.unsqueeze(1)
+    top1, top5 = topk_correct(scores, val_labels)
     n = len(val_labels)  # exact fractions of counts, not float32 means
-    return {"top1": int(hits[:, 0].sum()) / n, "top5": int(hits.any(1).sum()) / n, "k": k,
+    return {"top1": int(top1) / n, "top5": int(top5) / n, "k": k,
             "temperature": temperature, "n": n, "n_train": len(train_labels)}
 
 

@@ -19,6 +19,8 @@ from omegaconf import II
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
+from d2v_plugin.evaluation import topk_correct
+
 
 @dataclass
 class MixupCrossEntropyConfig(FairseqDataclass):
@@ -47,6 +49,7 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, cfg: MixupCrossEntropyConfig, task):
         super().__init__(task)
         self.cfg = cfg
+        self.update = 0  # the update being trained: the task's train_step sets it (set_update)
         self.mixup = None
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.cutmix_minmax is not None:
             self.mixup = Mixup(
@@ -59,6 +62,10 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
                 raise ValueError(
                     f"dataset.batch_size={cfg.batch_size} is odd, but mixup/cutmix pairs the samples of a batch: "
                     f"use an even dataset.batch_size (with dataset.required_batch_size_multiple=2)")
+
+    def set_update(self, update: int) -> None:
+        """The update number of the batch about to be trained (mixup is seeded with it)."""
+        self.update = update
 
     def mix(self, images: torch.Tensor, target: torch.Tensor, update: int = 0):
         """timm's Mixup on the batch; returns (images, soft targets).
@@ -85,7 +92,7 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
         if model.training:  # a training statistic: images the batch left out (validation reports them too, once)
             log["bad_images"] = sample.get("bad_images", 0)
         if model.training and self.mixup is not None:
-            images, soft = self.mix(images, target, getattr(model, "num_updates", 0))
+            images, soft = self.mix(images, target, self.update)
             logits = model(images)
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1))
         elif model.training:
@@ -94,10 +101,7 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
         else:
             logits = model(images)
             loss = F.cross_entropy(logits.float(), target, reduction="sum")
-            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hits = top5 == target.unsqueeze(-1)
-            log["correct"] = hits[:, 0].sum().detach()
-            log["correct5"] = hits.any(dim=-1).sum().detach()
+            log["correct"], log["correct5"] = (c.detach() for c in topk_correct(logits, target))
         if self.cfg.class_mean:
             loss = loss / self.cfg.num_classes
         log["loss"] = loss.detach()

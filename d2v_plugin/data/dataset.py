@@ -1,13 +1,9 @@
 """The fairseq dataset over an image-folder index: decode to RGB, transform, skip or stop on bad images."""
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
-import random
-import re
-import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,33 +11,11 @@ import torch
 from fairseq.data import FairseqDataset
 from PIL import Image
 
+from d2v_plugin.data.decode import DECODE_ERRORS, tensor_decodable, why_unreadable
 from d2v_plugin.data.index import DataError, FolderIndex
-from d2v_plugin.data.transforms import RandomResizedCropFlip, ResizeCenterCrop, normalize_batch, tensor_decodable
+from d2v_plugin.data.transforms import RandomResizedCropFlip
 
 logger = logging.getLogger(__name__)
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode with PIL by content (not by extension) and convert grayscale, CMYK, palette, RGBA to RGB."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
-PLUGIN_TRANSFORMS = (RandomResizedCropFlip, ResizeCenterCrop)
-# what PIL raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
-
-
-def why_unreadable(err: Exception, data: bytes | None = None) -> str:
-    """The decoder's reason, in words a person can act on (PIL's messages name in-memory buffers)."""
-    if data is not None and not data:
-        return "the file is empty"
-    if isinstance(err, Image.UnidentifiedImageError):
-        return "not an image: no decoder recognises its content"
-    if isinstance(err, Image.DecompressionBombError):
-        return f"larger than PIL's decompression-bomb limit ({err})"
-    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip()
-    return text or type(err).__name__
 
 
 class BadImageReport:
@@ -65,23 +39,6 @@ class BadImageReport:
 def image_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of image ``index``'s augmentation in ``epoch``: one number per (seed, epoch, image)."""
     return (seed * 1_000_003 + epoch) * 10_000_019 + int(index)
-
-
-@contextlib.contextmanager
-def seeded_global_rngs(seed: int):
-    """Run timm's transform (RandAugment, random erasing, the flip) from a known state of the global
-    RNGs it draws from (Python's ``random``, numpy's, torch's CPU generator), then put them back. Only
-    the CPU generator is touched: CUDA generators (drop path on a GPU) never see this."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
 
 
 class EpochBatch(Sequence):
@@ -122,18 +79,19 @@ def tag_batches_with_epoch(batch_sampler):
 class ImageFolderDataset(FairseqDataset):
     """Image ``i`` of epoch ``e`` is augmented from a seed of (seed, e, i) alone: the same crop and flip
     (and RandAugment draw) whatever the number of data-loading workers or GPUs, and after resuming a
-    killed run. The plugin's transforms draw from their own generator and never touch the global RNGs;
-    timm's transform draws from the global ones, which are seeded per image and restored around it.
+    killed run (see data/transforms.py for how each transform uses the seed).
 
     Items are read by index (``ds[i]``: the epoch last given to ``set_epoch``) or by ``(epoch, i)``, the
-    keys of an ``EpochBatch`` (what the training split's batches hold)."""
+    keys of an ``EpochBatch`` (what the training split's batches hold). Batches hold uint8 pixels
+    (timm's transform: its normalised floats); ``data.device_batch.to_model_input`` makes them the
+    model's input on the training device."""
 
     def __init__(self, index: FolderIndex, transform, on_bad_image: str = "skip", shuffle: bool = True,
-                 seed: int = 1, normalize: bool = True, device_decode: bool = False):
+                 seed: int = 1, device_decode: bool = False):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"task.on_bad_image={on_bad_image!r}: use skip or error")
-        if device_decode and (normalize or not isinstance(transform, RandomResizedCropFlip)):
-            raise ValueError("device_decode needs the plugin's training transform and normalize=False")
+        if device_decode and not isinstance(transform, RandomResizedCropFlip):
+            raise ValueError("device_decode needs the plugin's training transform")
         # JPEGs stay encoded: the sample holds the bytes, crop box and flip, and the consumer decodes
         # the batch on its device (data/device_batch.py); other formats are decoded here as usual
         self.device_decode = device_decode
@@ -142,15 +100,14 @@ class ImageFolderDataset(FairseqDataset):
         self.on_bad_image = on_bad_image
         self.shuffle = shuffle
         self.seed = seed
-        self.normalize = normalize  # False: batches stay uint8 and the consumer normalises (on the GPU)
         self.epoch = 1
         self.sizes = np.ones(len(index), dtype=np.int64)  # every image is one example
         self.bad_seen = 0
 
     @property
     def uses_global_rngs(self) -> bool:
-        """timm's transform draws from process-wide RNGs (seeded per image here, see ``seeded_global_rngs``)."""
-        return not isinstance(self.transform, PLUGIN_TRANSFORMS)
+        """timm's transform draws from process-wide RNGs (seeded per image and restored: TimmTransform)."""
+        return getattr(self.transform, "uses_global_rngs", False)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -166,25 +123,18 @@ class ImageFolderDataset(FairseqDataset):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            with Image.open(io.BytesIO(data)) as img:
-                if not self.uses_global_rngs:  # the plugin's transforms decode the file themselves
-                    g = torch.Generator().manual_seed(seed)
-                    if self.device_decode and tensor_decodable(img):
-                        box, flip = self.transform.draw(img, g)  # the crop the transform would take
-                        return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": path,
-                                "target": self.index.labels[i]}
-                    image = self.transform(img, g, data)
-                else:
-                    decoded = img.convert("RGB")  # decoded now, a copy that outlives the file
+            with Image.open(io.BytesIO(data)) as img:  # the transforms decode it (from the header's size on)
+                if self.device_decode and tensor_decodable(img):
+                    box, flip = self.transform.draw(img, seed)  # the crop the transform would take
+                    return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": path,
+                            "target": self.index.labels[i]}
+                image = self.transform(img, seed, data)
         except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
             reason = why_unreadable(err, data)
             if self.on_bad_image == "error":
                 raise DataError(f"unreadable image {path}: {reason} (task.on_bad_image=skip skips such files)") from None
             self.bad_seen += 1  # reported by the consumer of the batch (BadImageReport), once per file
             return {"id": i, "image": None, "target": self.index.labels[i], "bad": (path, reason)}
-        if self.uses_global_rngs:  # timm's transforms (RandAugment path): their errors are bugs, not bad files
-            with seeded_global_rngs(seed):
-                image = self.transform(decoded)
         return {"id": i, "image": image, "target": self.index.labels[i]}
 
     def collater(self, samples: list[dict]) -> dict:
@@ -204,8 +154,6 @@ class ImageFolderDataset(FairseqDataset):
             images = torch.stack(decoded)
         else:
             images = torch.empty((0, 3, self.transform.size, self.transform.size), dtype=torch.uint8)
-        if images.dtype == torch.uint8 and self.normalize:  # the plugin's transforms leave it to the batch
-            images = normalize_batch(images, self.transform.mean, self.transform.std)
         batch = {
             "id": torch.tensor([s["id"] for s in good]),
             "net_input": {"images": images},

@@ -1,19 +1,48 @@
-"""The training device's side of a batch: JPEGs left encoded by the workers (``task.device_decode``)
-are decoded and cropped there, back in their places in the batch."""
+"""A collated batch to the model's input on the training device: JPEGs the workers left encoded
+(``task.device_decode``) decoded and cropped there, back in their places in the batch; uint8 pixels
+normalised with the data config's mean and std, in the model's dtype."""
 from __future__ import annotations
 
 import torch
 
+from d2v_plugin.data.config import DataConfig
+from d2v_plugin.data.decode import decode_jpegs_on
 from d2v_plugin.data.index import DataError
-from d2v_plugin.data.transforms import decode_crops
+from d2v_plugin.data.transforms import resize_crop
+
+_SCALES: dict = {}  # (mean, std, device) -> (mean * 255, std * 255): built once, not on every step
+
+
+def _scales(mean, std, device):
+    key = (tuple(mean), tuple(std), str(device))
+    if key not in _SCALES:
+        as_tensor = [torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).mul_(255.0).to(device) for v in (mean, std)]
+        _SCALES[key] = tuple(as_tensor)
+    return _SCALES[key]
+
+
+def normalize_batch(images: torch.Tensor, data_cfg: DataConfig = DataConfig()) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32, scaled to [0, 1] and normalised (one pass, on the batch's device)."""
+    mean, std = _scales(data_cfg.mean, data_cfg.std, images.device)
+    return (images.float() - mean) / std
+
+
+def decode_crops(jpegs: list, boxes: list, flips: list, size: int, device) -> list:
+    """JPEG bytes -> their (left, top, w, h) crops resized to size x size and flipped where asked, as
+    uint8 [3, size, size] on ``device``; None for an image that does not decode."""
+    out = []
+    for image, box, flip in zip(decode_jpegs_on(device, jpegs), boxes, flips):
+        crop = None if image is None else resize_crop(image, *box, size, size)
+        out.append(crop.flip(-1) if flip and crop is not None else crop)
+    return out
 
 
 def decode_on_device(sample: dict, size: int, on_bad_image: str = "skip") -> bool:
     """Decode the batch's still-encoded JPEGs (``sample["encoded"]``, from ``ImageFolderDataset.collater``)
     on the device the batch is on and put each crop back at its place, so the batch is the one the
     workers would have built (same order, same pixels: mixup pairs sample i with B-1-i). A JPEG whose
-    body does not decode is left out with its target and id and counted in ``bad_images``, or stops
-    the run with ``on_bad_image=error``.
+    body does not decode is left out with its target and id, counted in ``bad_images`` and listed in
+    ``bad_files``, or stops the run with ``on_bad_image=error``.
 
     Returns True when no image at all is left: the batch then runs as zeros with its gradient ignored,
     as fairseq does with its dummy batches."""
@@ -50,3 +79,27 @@ def decode_on_device(sample: dict, size: int, on_bad_image: str = "skip") -> boo
     sample["id"], sample["target"] = sample["id"].index_select(0, keep), sample["target"].index_select(0, keep)
     sample["nsentences"] = sample["ntokens"] = len(keep)
     return False
+
+
+def to_model_input(sample: dict, data_cfg: DataConfig, dtype=None, size: int | None = None,
+                   on_bad_image: str = "skip") -> bool:
+    """A collated batch (already on its device) -> the model's input, in place: encoded JPEGs decoded
+    there (``size``: the crop size), uint8 pixels normalised with ``data_cfg`` in ``dtype`` (the
+    model's). timm's transform (the RandAugment path) delivers normalised floats: left as they are.
+    Returns True when no image is left (see ``decode_on_device``)."""
+    empty = decode_on_device(sample, size or data_cfg.image_size, on_bad_image)
+    images = (sample or {}).get("net_input", {}).get("images")
+    if images is not None and images.dtype == torch.uint8:
+        images = normalize_batch(images, data_cfg)
+        sample["net_input"]["images"] = images.to(dtype) if dtype is not None else images
+    return empty
+
+
+class Normalized:
+    """An eval transform followed by normalisation: PIL image -> float [3, H, W], ready for the model."""
+
+    def __init__(self, transform, data_cfg: DataConfig):
+        self.transform, self.data_cfg = transform, data_cfg
+
+    def __call__(self, img) -> torch.Tensor:
+        return normalize_batch(self.transform(img, 0).unsqueeze(0), self.data_cfg)[0]  # one fixed seed

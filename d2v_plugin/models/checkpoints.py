@@ -1,31 +1,43 @@
-"""Read Data2Vec2 image-encoder weights from the checkpoint formats users have, safely and strictly.
+"""Data2Vec2 image-encoder weights from the checkpoint layouts users have, as pure functions on a loaded
+checkpoint (reading one safely is models/safe_load.py's job).
 
-Accepted: (a) a fairseq data2vec 2.0 checkpoint (``cfg`` + ``model``), (b) a bare state dict, in
-data2vec's or this plugin's key names, (c) a PyTorch Lightning checkpoint (``state_dict``, encoder
-under a prefix such as ``model.model.``), (d) this plugin's own files: ``convert`` output and the
-trainer's fine-tuned checkpoints. Files are read with ``torch.load(weights_only=True)``.
+Layouts: (a) a fairseq data2vec 2.0 checkpoint (``cfg`` + ``model``, pretrained or data2vec's fine-tuned
+``mae_image_classification``), (b) a bare state dict in data2vec's or this plugin's key names, (c) a
+PyTorch Lightning checkpoint (``state_dict``, the encoder under a prefix such as ``model.model.``; the
+thesis' students and classifier), (d) this plugin's own files: ``cli.convert`` output and the trainer's
+fine-tuned checkpoints. ``checkpoint_filter_fn`` finds the encoder, maps its keys to this plugin's
+(one table, ``KEY_MAP``, read both ways), infers the architecture and resamples the positions to the
+image size asked for, as timm's ``checkpoint_filter_fn`` does for its models.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import pickle
+import math
 import re
 from dataclasses import replace
 
 import torch
 
-from d2v_plugin.atomic import atomic_path
 from d2v_plugin.models.encoder import EncoderConfig
-
-D2V_ANCHOR = "modality_encoders.IMAGE.local_encoder.proj.weight"
-OUR_ANCHOR = "patch_embed.proj.weight"
-COMPACT_FORMAT = "d2v_plugin_encoder"
-PLUGIN_MODEL = "data2vec2_image_classifier"  # the fairseq model this plugin registers (models/classifier.py)
-DATA2VEC_CLASSIFIER = "mae_image_classification"  # data2vec's own fine-tuning model
+from d2v_plugin.models.safe_load import CheckpointError, load_file  # noqa: F401  (the module's public errors and reader)
+from d2v_plugin.names import COMPACT_FORMAT, DATA2VEC_CLASSIFIER, MODEL_NAME
 
 logger = logging.getLogger(__name__)
+
+D2V = "modality_encoders.IMAGE."
+# data2vec 2.0 key (or key prefix) -> this plugin's; read one way to load data2vec's files, the
+# other way to write them (d2v_plugin/testing/checkpoints.py)
+KEY_MAP = [
+    (D2V + "local_encoder.proj.", "patch_embed.proj."),
+    (D2V + "extra_tokens", "cls_token"),
+    (D2V + "fixed_positional_encoder.positions", "pos_embed"),
+    (D2V + "context_encoder.norm.", "norm_pre."),
+]
+# blocks: data2vec's prenet block i is this plugin's block i, its main block j is block prenet_depth + j
+PRENET_BLOCK = re.compile(r"^" + re.escape(D2V) + r"context_encoder\.blocks\.(\d+)\.(.+)$")
+MAIN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+D2V_ANCHOR = D2V + "local_encoder.proj.weight"
+OUR_ANCHOR = "patch_embed.proj.weight"
 
 # data2vec 2.0 entries that only pretraining uses: the EMA teacher, decoders, masks, other
 # modalities' encoders. Dropped by rule; anything else unknown is an error.
@@ -34,142 +46,52 @@ PRETRAINING_ONLY = re.compile(
     r"modality_encoders\.IMAGE\.(decoder\.|encoder_mask|alibi_scale|alibi_bias))"
 )
 
-_D2V_TO_OURS = [
-    (re.compile(r"^modality_encoders\.IMAGE\.local_encoder\.proj\.(weight|bias)$"), r"patch_embed.proj.\1"),
-    (re.compile(r"^modality_encoders\.IMAGE\.extra_tokens$"), "cls_token"),
-    (re.compile(r"^modality_encoders\.IMAGE\.fixed_positional_encoder\.positions$"), "pos_embed"),
-    (re.compile(r"^modality_encoders\.IMAGE\.context_encoder\.norm\.(weight|bias)$"), r"norm_pre.\1"),
-]
-_PRENET_BLOCK = re.compile(r"^modality_encoders\.IMAGE\.context_encoder\.blocks\.(\d+)\.(.+)$")
-_MAIN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+def _rename(key: str, pairs) -> str | None:
+    for old, new in pairs:
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return new + key[len(old):]
+    return None
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+def to_plugin_names(weights: dict, prenet_depth: int, path: str) -> dict:
+    """data2vec 2.0 encoder keys -> this plugin's (pretraining-only entries dropped, others an error)."""
+    out, unknown = {}, []
+    for key, value in weights.items():
+        if PRETRAINING_ONLY.match(key):
+            continue
+        new = _rename(key, KEY_MAP)
+        if (m := PRENET_BLOCK.match(key)) is not None:
+            new = f"blocks.{int(m.group(1))}.{m.group(2)}"
+        elif (m := MAIN_BLOCK.match(key)) is not None:
+            new = f"blocks.{prenet_depth + int(m.group(1))}.{m.group(2)}"
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected keys in the data2vec encoder: {', '.join(sorted(unknown))}")
+    return out
 
 
-def _enum_value(value):
-    # Older fairseq configs pickle data2vec's Modality enum; its value is all we need, and this
-    # stand-in keeps the load from importing (and running) anything.
-    return value
+def to_data2vec_names(state: dict, prenet_depth: int) -> dict:
+    """This plugin's encoder keys -> data2vec 2.0's (``modality_encoders.IMAGE.*`` + main ``blocks.*``)."""
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, [(ours, theirs) for theirs, ours in KEY_MAP])
+        if (m := MAIN_BLOCK.match(key)) is not None:
+            i = int(m.group(1))
+            new = (f"{D2V}context_encoder.blocks.{i}.{m.group(2)}" if i < prenet_depth
+                   else f"blocks.{i - prenet_depth}.{m.group(2)}")
+        if new is None:
+            raise KeyError(f"not an encoder key: {key}")
+        out[new] = value
+    return out
 
 
-def _plain_dict(*_args):
-    # collections.defaultdict(factory): its items follow; the factory (maybe a stand-in) is never needed
-    return {}
-
-
-_HARMLESS_GLOBALS = [
-    (_enum_value, "examples.data2vec.data.modality.Modality"),
-    (_plain_dict, "collections.defaultdict"),
-    argparse.Namespace,
-]
-
-# Plain data types that configs pickle as type references (omegaconf records a node's element and
-# reference types): given as themselves, since naming or building one runs nothing.
-_DATA_TYPES = [(t, f"builtins.{t.__name__}") for t in (dict, list, tuple, set, frozenset, int, float, str, bytes,
-                                                      bool, complex, object)]
-
-# Modules whose names a checkpoint written by training code has no reason to pickle: a file that
-# asks for one is refused outright (nothing of it would run either way: see ``Stored``).
-REFUSED_MODULES = {"builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "runpy", "pickle",
-                   "_pickle", "marshal", "socket", "ctypes", "code", "codeop", "pty", "types", "webbrowser",
-                   "multiprocessing", "asyncio", "functools", "operator"}
-
-
-class Stored:
-    """Stands in for a class a checkpoint names that is not imported here (a Lightning run's config
-    dataclass, omegaconf's containers, ...): it keeps what the file stored for the object (``args``,
-    ``state``) and runs none of the class's code. torch's ``weights_only`` unpickler still does all
-    the reading; these stand-ins are the only names it is given beyond its own allow-list."""
-
-    qualname = "?"
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.qualname}: stored, not imported>"
-
-
-def _python3_name(qualname: str) -> str:
-    """The name a pickled global refers to in Python 3: pickle protocol 2 writes some under their
-    Python 2 names (``commands.Popen`` is ``subprocess.Popen``), and loading maps them back."""
-    import _compat_pickle
-
-    module, _, name = qualname.rpartition(".")
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
-
-
-def _stand_in(qualname: str) -> type:
-    return type(qualname.rsplit(".", 1)[-1], (Stored,), {"qualname": qualname, "__module__": __name__})
-
-
-def _refusal(path: str, needed: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: refusing to unpickle objects the file asks for ({needed}); loading them can run "
-        f"code from the file. If you trust it, set model.trust_checkpoint=true (--trust-checkpoint "
-        f"on the command line tools).")
-
-
-def load_file(path: str, trust: bool = False, mmap: bool = False) -> object:
-    """Read a checkpoint without running code from it.
-
-    torch.load(weights_only=True) first; a file that names classes outside torch's allow-list (a
-    Lightning checkpoint's hyper-parameters, typed by the training code's own dataclasses) is read
-    again by the same unpickler with those names bound to inert ``Stored`` stand-ins, so its tensors
-    come out and nothing of the file's is imported or called. A file naming modules that run code
-    (os, subprocess, builtins, ...) is refused. ``trust=True`` unpickles fully (runs the file's code).
-    ``mmap``: tensors stay in the file until used (reading a checkpoint's config costs no memory)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_HARMLESS_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        return _load_with_stand_ins(path, err, mmap)
-    except Exception as err:  # truncated, text, broken zip: the unpickler fails in many ways
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_first_line(err)}") from None
-
-
-def _load_with_stand_ins(path: str, err: Exception, mmap: bool) -> object:
-    try:
-        unknown = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a zip checkpoint: report what the unpickler said
-        raise _refusal(path, _first_line(err)) from None
-    data_types = {name: t for t, name in _DATA_TYPES}
-    refused = [_python3_name(n) for n in unknown
-               if n not in data_types and ("." not in n or _python3_name(n).split(".")[0] in REFUSED_MODULES)]
-    if refused or not unknown:
-        raise _refusal(path, ", ".join(refused) or _first_line(err))
-    given = [(data_types[n], n) if n in data_types else (_stand_in(n), n) for n in unknown]
-    try:
-        with torch.serialization.safe_globals(_HARMLESS_GLOBALS + given):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err2:
-        raise _refusal(path, f"{', '.join(unknown)}: {_first_line(err2)}") from None
-    stood_in = [n for n in unknown if n not in data_types]
-    shown = ", ".join(stood_in[:4]) + (", ..." if len(stood_in) > 4 else "")
-    logger.info(f"{path}: read without importing the {len(stood_in)} classes it names ({shown}); "
-                f"their objects are kept as stored data")
-    return obj
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _block_count(keys, pattern) -> int:
+    ids = [int(m.group(1)) for k in keys if (m := pattern.match(k)) is not None]
+    return max(ids) + 1 if ids else 0
 
 
 TEACHERS = "teachers."  # the thesis' KD module saves its teacher(s) beside the student under this prefix
@@ -204,33 +126,6 @@ def _find_prefix(weights: dict, path: str, prefix: str | None) -> tuple[str, str
             f"{path}: several encoders found, under prefixes {sorted(found)}; choose one with model.checkpoint_prefix"
         )
     return next(iter(found.items()))
-
-
-def _to_plugin_names(weights: dict, prenet_depth: int, path: str) -> dict:
-    out, unknown = {}, []
-    for key, value in weights.items():
-        if PRETRAINING_ONLY.match(key):
-            continue
-        new = None
-        for pattern, repl in _D2V_TO_OURS:
-            if pattern.match(key):
-                new = pattern.sub(repl, key)
-        if (m := _PRENET_BLOCK.match(key)) is not None:
-            new = f"blocks.{int(m.group(1))}.{m.group(2)}"
-        elif (m := _MAIN_BLOCK.match(key)) is not None:
-            new = f"blocks.{prenet_depth + int(m.group(1))}.{m.group(2)}"
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected keys in the data2vec encoder: {', '.join(sorted(unknown))}")
-    return out
-
-
-def _block_count(keys, pattern) -> int:
-    ids = [int(m.group(1)) for k in keys if (m := pattern.match(k)) is not None]
-    return max(ids) + 1 if ids else 0
 
 
 def _architecture(state: dict, model_cfg: dict, arch: dict, path: str, given: dict | None = None) -> EncoderConfig:
@@ -294,20 +189,12 @@ def _check_data2vec_cfg(model_cfg: dict, path: str) -> dict:
     }
 
 
-def read_encoder_checkpoint(
-    path: str,
-    depth: int | None = None,
-    trust: bool = False,
-    prefix: str | None = None,
-    given: dict | None = None,
-) -> tuple[EncoderConfig, dict]:
-    """Return (architecture, encoder state dict in this plugin's key names) from any accepted format.
-
-    ``depth=N`` keeps the first N blocks (prenet blocks first), as a distilled student is initialised.
-    ``given``: architecture values the user set (``num_heads``, ``norm_eps``), used where the file
-    does not record them.
-    """
-    return encoder_from_object(load_file(path, trust=trust), path, depth=depth, prefix=prefix, given=given)
+def read_encoder_checkpoint(path: str, depth: int | None = None, trust: bool = False, prefix: str | None = None,
+                            given: dict | None = None, image_size: int | None = None) -> tuple[EncoderConfig, dict]:
+    """(architecture, encoder state dict in this plugin's key names) of a checkpoint file in any
+    accepted layout: ``load_file`` then ``checkpoint_filter_fn``."""
+    return checkpoint_filter_fn(load_file(path, trust=trust), path, depth=depth, prefix=prefix, given=given,
+                                image_size=image_size)
 
 
 def _weights_and_config(obj: object, path: str) -> tuple[dict, dict, dict]:
@@ -321,7 +208,7 @@ def _weights_and_config(obj: object, path: str) -> tuple[dict, dict, dict]:
         weights = obj["model"]
         cfg = obj.get("cfg") or {}
         model_cfg = dict((cfg.get("model") or {}) if isinstance(cfg, dict) else {})
-        if model_cfg.get("_name") == PLUGIN_MODEL:
+        if model_cfg.get("_name") == MODEL_NAME:
             arch = {k: model_cfg.get(k) for k in ("num_heads", "norm_eps", "image_size", "prenet_depth")}
             model_cfg = {}
         elif model_cfg.get("_name") == DATA2VEC_CLASSIFIER:  # the pretrained model's config travels with it
@@ -347,8 +234,8 @@ def _encoder(tensors: dict, model_cfg: dict, arch: dict, path: str, prefix: str 
     inner = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if naming == "data2vec":
         d2v = _check_data2vec_cfg(model_cfg, path) if model_cfg.get("modalities") else {}
-        prenet = _block_count(inner, _PRENET_BLOCK)
-        state = _to_plugin_names(inner, prenet, path)
+        prenet = _block_count(inner, PRENET_BLOCK)
+        state = to_plugin_names(inner, prenet, path)
         arch = {"num_heads": d2v.get("num_heads"), "norm_eps": d2v.get("norm_eps"), "prenet_depth": prenet, **arch}
         model_cfg = {"input_size": d2v.get("input_size")}
     else:
@@ -357,9 +244,25 @@ def _encoder(tensors: dict, model_cfg: dict, arch: dict, path: str, prefix: str 
     return _architecture(state, model_cfg, arch, path, given), state, prefix
 
 
-def encoder_from_object(obj: object, path: str, depth: int | None = None, prefix: str | None = None,
-                        given: dict | None = None):
-    """``read_encoder_checkpoint`` on an already loaded checkpoint object."""
+def resample_positions(positions: torch.Tensor, grid: int) -> torch.Tensor:
+    """Fixed positions saved for another square grid -> ``grid`` x ``grid``, bicubic (timm's
+    ``resample_abs_pos_embed``, as MAE and timm do when fine-tuning at another resolution)."""
+    from timm.layers import resample_abs_pos_embed
+
+    old = math.isqrt(positions.shape[1])
+    if old * old != positions.shape[1]:
+        raise CheckpointError(f"positions for {positions.shape[1]} patches are not a square grid")
+    if old == grid:
+        return positions
+    return resample_abs_pos_embed(positions, new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=0)
+
+
+def checkpoint_filter_fn(obj: object, path: str, depth: int | None = None, prefix: str | None = None,
+                         given: dict | None = None, image_size: int | None = None) -> tuple[EncoderConfig, dict]:
+    """A loaded checkpoint -> (architecture, encoder state in this plugin's key names). ``depth=N`` keeps
+    the first N blocks (prenet blocks first), as a distilled student is initialised; ``given``: the
+    architecture values the user set (``num_heads``, ``norm_eps``), used where the file does not record
+    them; ``image_size``: the positions are resampled to its grid."""
     tensors, model_cfg, arch = _weights_and_config(obj, path)
     enc_cfg, state, _ = _encoder(tensors, model_cfg, arch, path, prefix, given)
     if depth is not None:
@@ -369,6 +272,11 @@ def encoder_from_object(obj: object, path: str, depth: int | None = None, prefix
             )
         state = {k: v for k, v in state.items() if not (m := re.match(r"^blocks\.(\d+)\.", k)) or int(m.group(1)) < depth}
         enc_cfg = replace(enc_cfg, depth=depth, prenet_depth=min(enc_cfg.prenet_depth, depth))
+    if image_size and image_size != enc_cfg.image_size:
+        if image_size % enc_cfg.patch_size:
+            raise CheckpointError(f"image size {image_size} is not a multiple of the patch size {enc_cfg.patch_size}")
+        state = {**state, "pos_embed": resample_positions(state["pos_embed"], image_size // enc_cfg.patch_size)}
+        enc_cfg = replace(enc_cfg, image_size=image_size)
     return enc_cfg, state
 
 
@@ -403,24 +311,13 @@ def classifier_from_object(obj: object, path: str, given: dict | None = None) ->
     return enc_cfg, state
 
 
-def load_encoder_state(encoder: torch.nn.Module, state: dict, source: str) -> None:
-    """Strict load that names every missing, unexpected and mis-shaped key at once."""
-    strict_load(encoder, state, source, what="the encoder", resampled=("pos_embed",))
-
-
-def strict_load(module: torch.nn.Module, state: dict, source: str, what: str = "the model",
-                resampled: tuple = ("pos_embed", "encoder.pos_embed")) -> None:
+def strict_load(module: torch.nn.Module, state: dict, source: str, what: str = "the model") -> None:
     """load_state_dict(strict=True), but every offending key is named in one error."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    # positions saved for another grid are resampled on load; only their width must match
-    mismatched = sorted(
-        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(state) & set(expected)
-        if (state[k].shape[-1:] if k in resampled else state[k].shape)
-        != (expected[k].shape[-1:] if k in resampled else expected[k].shape)
-    )
+    mismatched = sorted(f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -431,54 +328,3 @@ def strict_load(module: torch.nn.Module, state: dict, source: str, what: str = "
     if problems:
         raise CheckpointError(f"{source}: cannot load {what}: {'; '.join(problems)}")
     module.load_state_dict(state, strict=True)
-
-
-def to_data2vec_names(state: dict, prenet_depth: int) -> dict:
-    """This plugin's encoder keys -> data2vec 2.0's (``modality_encoders.IMAGE.*`` + main ``blocks.*``)."""
-    top = {"cls_token": "modality_encoders.IMAGE.extra_tokens",
-           "pos_embed": "modality_encoders.IMAGE.fixed_positional_encoder.positions"}
-    out = {}
-    for key, value in state.items():
-        if key in top:
-            new = top[key]
-        elif key.startswith("patch_embed.proj."):
-            new = "modality_encoders.IMAGE.local_encoder.proj." + key.rsplit(".", 1)[1]
-        elif key.startswith("norm_pre."):
-            new = "modality_encoders.IMAGE.context_encoder.norm." + key.rsplit(".", 1)[1]
-        elif (m := re.match(r"^blocks\.(\d+)\.(.+)$", key)) is not None:
-            i = int(m.group(1))
-            new = (f"modality_encoders.IMAGE.context_encoder.blocks.{i}.{m.group(2)}" if i < prenet_depth
-                   else f"blocks.{i - prenet_depth}.{m.group(2)}")
-        else:
-            raise KeyError(f"not an encoder key: {key}")
-        out[new] = value
-    return out
-
-
-def save_data2vec_checkpoint(encoder, path: str, prenet_depth: int = 2) -> None:
-    """Write an encoder as a fairseq data2vec 2.0 checkpoint (``cfg`` + ``model``), the layout real
-    data2vec checkpoints have, so demos and tests run the real loading path."""
-    c = encoder.cfg
-    if not 0 <= prenet_depth <= c.depth:
-        raise ValueError(f"prenet_depth={prenet_depth} must be within 0..{c.depth}")
-    model_cfg = {
-        "_name": "data2vec_multi", "depth": c.depth - prenet_depth, "embed_dim": c.embed_dim,
-        "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio, "norm_eps": c.norm_eps, "layer_norm_first": False,
-        "supported_modality": "IMAGE",
-        "modalities": {"image": {
-            "type": "IMAGE", "prenet_depth": prenet_depth, "input_size": c.image_size, "patch_size": c.patch_size,
-            "in_chans": c.in_chans, "embed_dim": c.embed_dim, "num_extra_tokens": 1, "use_alibi_encoder": False,
-        }},
-    }
-    state = {
-        "args": None,
-        "cfg": {"model": model_cfg, "task": {"_name": "mae_image_pretraining"}},
-        "model": to_data2vec_names({k: v.detach().clone() for k, v in encoder.state_dict().items()}, prenet_depth),
-        "criterion": None, "optimizer_history": [], "task_state": {}, "extra_state": {}, "last_optimizer_state": None,
-    }
-    atomic_torch_save(state, path)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)

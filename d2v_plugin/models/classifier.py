@@ -2,7 +2,7 @@
 
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -11,14 +11,13 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import OmegaConf, open_dict
 
-from d2v_plugin.models.checkpoints import CheckpointError, load_encoder_state, read_encoder_checkpoint
-from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
+from d2v_plugin.models.encoder import POOLING_MODES, Data2Vec2ImageEncoder, EncoderConfig, pool
+from d2v_plugin.models.param_groups import param_groups_lrd, tag_for_composite
+from d2v_plugin.models.safe_load import CheckpointError
+from d2v_plugin.names import MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "data2vec2_image_classifier"
-POOLING_MODES = ("mean", "cls")
-LAYER_DECAY_EMBEDDINGS = ("full", "decayed")
 ARCH_FIELDS = ("embed_dim", "num_heads", "mlp_ratio", "patch_size", "norm_eps")
 GIVEN_WHERE_UNRECORDED = ("num_heads", "norm_eps")  # what a bare or Lightning state dict cannot tell
 RESOLVED_FIELDS = (*ARCH_FIELDS, "depth", "image_size", "prenet_depth")  # written back into the config after building
@@ -88,36 +87,28 @@ class Data2Vec2ClassifierConfig(FairseqDataclass):
 
 
 def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncoder:
-    """Encoder from a checkpoint (architecture read from it) or random init from the config fields."""
+    """Encoder from a checkpoint (``Data2Vec2ImageEncoder.from_pretrained``: architecture read from it)
+    or random init from the config fields."""
     explicit = {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k, None) is not None}
     image_size = image_size or cfg.image_size
-    schedule = getattr(cfg, "drop_path_schedule", "linear")
+    training = dict(drop_path_rate=cfg.drop_path_rate, drop_path_schedule=getattr(cfg, "drop_path_schedule", "linear"),
+                    prenet_depth=getattr(cfg, "prenet_depth", None))
     if cfg.pretrained_checkpoint:
-        enc_cfg, state = read_encoder_checkpoint(
-            cfg.pretrained_checkpoint, depth=cfg.depth, trust=cfg.trust_checkpoint, prefix=cfg.checkpoint_prefix,
-            given={k: explicit[k] for k in GIVEN_WHERE_UNRECORDED if k in explicit},
-        )
-        wrong = [f"model.{k}={v} but the checkpoint has {getattr(enc_cfg, k)}"
-                 for k, v in explicit.items() if v != getattr(enc_cfg, k)]
+        encoder = Data2Vec2ImageEncoder.from_pretrained(
+            cfg.pretrained_checkpoint, depth=cfg.depth, image_size=image_size, trust=cfg.trust_checkpoint,
+            prefix=cfg.checkpoint_prefix, given={k: explicit[k] for k in GIVEN_WHERE_UNRECORDED if k in explicit},
+            **training)
+        wrong = [f"model.{k}={v} but the checkpoint has {getattr(encoder.cfg, k)}"
+                 for k, v in explicit.items() if v != getattr(encoder.cfg, k)]
         if wrong:
             raise CheckpointError(
                 f"{cfg.pretrained_checkpoint}: architecture mismatch: {'; '.join(wrong)} (leave these null to use the checkpoint's)"
             )
-        prenet = getattr(cfg, "prenet_depth", None)
-        enc_cfg = replace(enc_cfg, image_size=image_size or enc_cfg.image_size, drop_path_rate=cfg.drop_path_rate,
-                          drop_path_schedule=schedule, prenet_depth=enc_cfg.prenet_depth if prenet is None else prenet)
-        encoder = Data2Vec2ImageEncoder(enc_cfg)
-        load_encoder_state(encoder, state, cfg.pretrained_checkpoint)
-        logger.info(f"loaded {enc_cfg.depth} encoder blocks from {cfg.pretrained_checkpoint}: {enc_cfg}")
+        logger.info(f"loaded {encoder.cfg.depth} encoder blocks from {cfg.pretrained_checkpoint}: {encoder.cfg}")
         return encoder
-    enc_cfg = EncoderConfig(
-        **explicit,
-        depth=cfg.depth or EncoderConfig.depth,
-        image_size=image_size or EncoderConfig.image_size,
-        drop_path_rate=cfg.drop_path_rate,
-        drop_path_schedule=schedule,
-        prenet_depth=getattr(cfg, "prenet_depth", None) or 0,
-    )
+    training["prenet_depth"] = training["prenet_depth"] or 0
+    enc_cfg = EncoderConfig(**explicit, depth=cfg.depth or EncoderConfig.depth,
+                            image_size=image_size or EncoderConfig.image_size, **training)
     logger.info(f"randomly initialised encoder: {enc_cfg}")
     return Data2Vec2ImageEncoder(enc_cfg)
 
@@ -142,7 +133,6 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, cfg.num_classes)
         self.init_head()
-        self.num_updates = 0
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -165,62 +155,27 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         return model
 
     def param_group_rules(self) -> dict[str, tuple[str, float]]:
-        """name -> (group, lr_scale) for every trainable parameter.
+        """name -> (group, lr_scale) for every trainable parameter (models/param_groups.py): no weight
+        decay on norms, biases and the CLS token; block i of N at layer_decay^(N - i); the head at the
+        full lr; the embedding at the full lr or decayed (``model.layer_decay_embeddings``)."""
+        no_decay = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
-        group: 'no_decay' for 1-D parameters (norms, biases) and the CLS token, 'default' otherwise.
-        lr_scale: block i of N gets layer_decay^(N - i); the head keeps 1.0; the patch embedding, CLS
-        and the embedding norm keep 1.0 (``layer_decay_embeddings=full``, as data2vec's
-        ``mae_image_classification`` assigns them) or get layer_decay^(N + 1) (``decayed``, MAE's rule).
-        """
-        if self.cfg.layer_decay_embeddings not in LAYER_DECAY_EMBEDDINGS:
-            raise ValueError(f"model.layer_decay_embeddings={self.cfg.layer_decay_embeddings!r}: use one of "
-                             f"{', '.join(LAYER_DECAY_EMBEDDINGS)}")
-        n = len(self.encoder.blocks)
-        rules = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            group = "no_decay" if p.ndim == 1 or name == "encoder.cls_token" else "default"
-            scale = 1.0
-            if name.startswith("encoder.blocks."):
-                scale = self.cfg.layer_decay ** (n - int(name.split(".")[2]))
-            elif name.startswith("encoder.") and self.cfg.layer_decay_embeddings == "decayed":
-                scale = self.cfg.layer_decay ** (n + 1)
-            rules[name] = (group, scale)
-        return rules
+        def layer_id(name):
+            return self.encoder.layer_id(name[len("encoder."):]) if name.startswith("encoder.") else len(self.encoder.blocks) + 1
+
+        return param_groups_lrd(self.named_parameters(), no_decay, layer_id, len(self.encoder.blocks),
+                                self.cfg.layer_decay, self.cfg.layer_decay_embeddings)
 
     def assign_param_groups(self) -> None:
-        """Tag parameters so fairseq's ``composite`` optimizer (dynamic_groups) builds the groups.
-
-        ``param_group`` picks the recipe's optimizer group (``default`` or ``no_decay``);
-        ``optim_overrides`` carries the layer-decay lr scale. (fairseq's composite optimizer ignores
-        ``weight_decay_scale`` overrides, so weight decay is switched off through the group instead.)
-        """
-        summary = {}
-        params = dict(self.named_parameters())
-        for name, (group, scale) in self.param_group_rules().items():
-            p = params[name]
-            p.param_group = group
-            if scale != 1.0:
-                p.optim_overrides = {"optimizer": {"lr_scale": scale}}
-            elif hasattr(p, "optim_overrides"):
-                del p.optim_overrides
-            label = f"{group} lr_scale={scale:.4g}"
-            count, names = summary.get(label, (0, []))
-            summary[label] = (count + p.numel(), names + [name])
-        for label, (count, names) in summary.items():
-            shown = ", ".join(names[:4]) + (f", ... ({len(names)} tensors)" if len(names) > 4 else "")
-            logger.info(f"param group {label}: {count:,} params: {shown}")
-
-    def set_num_updates(self, num_updates: int) -> None:
-        super().set_num_updates(num_updates)
-        self.num_updates = num_updates  # the criterion seeds mixup with it
+        """Tag the parameters for fairseq's composite optimizer (models/param_groups.tag_for_composite);
+        build_model does this for training."""
+        tag_for_composite(self.named_parameters(), self.param_group_rules())
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)  # through __call__: hooks and a compiled encoder apply
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, 1:].mean(dim=1) if self.cfg.pooling == "mean" else tokens[:, 0]
+        return pool(tokens, self.cfg.pooling)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.fc_norm(self.pool(self.extract_features(images))))

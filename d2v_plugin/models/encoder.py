@@ -9,14 +9,13 @@ live in one list, prenet blocks first, and ``depth=N`` keeps the first N.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed
+from timm.layers import DropPath, Mlp
 
 
 @dataclass
@@ -171,18 +170,37 @@ class Data2Vec2ImageEncoder(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=1.0)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Positions saved for another grid (a checkpoint trained at another image size) are
-        # resampled bicubically to this grid, as MAE / timm do when fine-tuning at a new resolution.
-        key = prefix + "pos_embed"
-        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
-            saved = state_dict[key]
-            old = math.isqrt(saved.shape[1])
-            if old * old == saved.shape[1] and saved.shape[-1] == self.pos_embed.shape[-1]:
-                state_dict[key] = resample_abs_pos_embed(
-                    saved, new_size=[self.grid, self.grid], old_size=[old, old], num_prefix_tokens=0
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, path: str, depth: int | None = None, image_size: int | None = None,
+                        trust: bool = False, prefix: str | None = None, given: dict | None = None,
+                        **overrides) -> "Data2Vec2ImageEncoder":
+        """The encoder of any checkpoint layout users have (models/checkpoints.py), its architecture
+        read from the file: ``depth=N`` keeps the first N blocks (how a student is initialised from
+        its teacher), ``image_size`` resamples the positions, ``given`` fills what the file does not
+        record (``num_heads``, ``norm_eps``); ``overrides`` set the training-only fields
+        (``drop_path_rate``, ``drop_path_schedule``, ``prenet_depth``). Loaded strictly, every bad key named."""
+        from dataclasses import replace
+
+        from d2v_plugin.models.checkpoints import read_encoder_checkpoint, strict_load
+
+        cfg, state = read_encoder_checkpoint(path, depth=depth, trust=trust, prefix=prefix, given=given,
+                                             image_size=image_size)
+        encoder = cls(replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
+        strict_load(encoder, state, path, what="the encoder")
+        return encoder
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides the 1-D ones (norms, biases), as timm declares it."""
+        return {"cls_token"}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay (MAE's / BEiT's rule): the embedding (patch
+        embedding, CLS, embedding norm) 0, block i i + 1, anything after the blocks depth + 1."""
+        if name.startswith(("patch_embed.", "norm_pre.")) or name in ("cls_token", "pos_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images) + self.pos_embed.to(images.dtype)
@@ -196,3 +214,11 @@ class Data2Vec2ImageEncoder(nn.Module):
         return x
 
     forward = extract_features
+
+
+POOLING_MODES = ("mean", "cls")
+
+
+def pool(tokens: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """[B, 1 + N, D] -> [B, D]: the mean of all tokens but CLS (data2vec's), or the CLS token."""
+    return tokens[:, 1:].mean(dim=1) if mode == "mean" else tokens[:, 0]

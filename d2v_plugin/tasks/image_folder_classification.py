@@ -12,10 +12,10 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, index_split, train_transform
+from d2v_plugin.data import (DataError, ImageFolderDataset, eval_transform, index_split, resolve_data_config,
+                             train_transform)
 from d2v_plugin.data.dataset import BadImageReport, tag_batches_with_epoch
-from d2v_plugin.data.device_batch import decode_on_device
-from d2v_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+from d2v_plugin.data.device_batch import to_model_input
 from d2v_plugin.models.checkpoints import load_file
 from d2v_plugin.models.classifier import record_architecture
 from d2v_plugin.training import (build_config_for_resume, checkpoint_fairseq_restores, check_precision,
@@ -80,6 +80,7 @@ class ImageFolderClassificationTask(FairseqTask):
     def __init__(self, cfg: ImageFolderClassificationConfig, classes: list[str]):
         super().__init__(cfg)
         self.classes = classes
+        self.data_cfg = resolve_data_config(task=cfg)  # what validation, evaluate, knn and export all read
         self.report_bad_images = BadImageReport()  # each unreadable file logged once per run
         self.bad_images_total = 0  # training images left out so far in the run (kept in checkpoints)
 
@@ -115,16 +116,14 @@ class ImageFolderClassificationTask(FairseqTask):
         is_train = split == self.cfg.train_split
         if is_train:
             transform = train_transform(self.cfg.image_size, self.cfg.train_crop_scale, self.cfg.auto_augment,
-                                        self.cfg.random_erasing, self.cfg.fast_decode)
+                                        self.cfg.random_erasing, self.cfg.fast_decode, self.data_cfg.mean,
+                                        self.data_cfg.std)
         else:
             # no fast_decode here: validation computes exactly what cli.evaluate reports for the checkpoint,
             # so the best checkpoint is picked on the pixels it is evaluated on
-            transform = eval_transform(self.cfg.image_size, self.cfg.eval_crop_ratio)
-        # batches stay uint8 until train_step / valid_step: a quarter of the bytes to copy to the GPU,
-        # and the normalisation runs there instead of in the data-loading workers
+            transform = eval_transform(self.data_cfg.image_size, self.data_cfg.crop_ratio)
         self.datasets[split] = ImageFolderDataset(index, transform, self.cfg.on_bad_image, shuffle=is_train,
-                                                  seed=self.cfg.seed, normalize=False,
-                                                  device_decode=is_train and self.cfg.device_decode)
+                                                  seed=self.cfg.seed, device_decode=is_train and self.cfg.device_decode)
         # On resume fairseq starts prefetching the fast-forwarded epoch before it calls set_epoch:
         # the dataset must know its epoch from the start for the augmentation to match.
         self.datasets[split].set_epoch(epoch)
@@ -132,27 +131,21 @@ class ImageFolderClassificationTask(FairseqTask):
         if self.datasets[split].device_decode:
             logger.info(f"{split}: JPEGs are decoded on the training device (task.device_decode)")
 
-    @staticmethod
-    def normalize_images(sample, model) -> None:
-        """uint8 images of a batch (already on the model's device) -> normalised, in the model's dtype."""
-        images = (sample or {}).get("net_input", {}).get("images")
-        if images is not None and images.dtype == torch.uint8:
-            dtype = next(model.parameters()).dtype
-            sample["net_input"]["images"] = normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD).to(dtype)
-
-    def decode_encoded(self, sample) -> bool:
-        """``task.device_decode``: the batch's JPEGs decoded on its device (``data.device_batch``)."""
-        return decode_on_device(sample, self.cfg.image_size, self.cfg.on_bad_image)
+    def model_input(self, sample, model) -> bool:
+        """The batch (on the model's device) made the model's input (data.device_batch.to_model_input);
+        its unreadable files logged once. True when no image is left (the gradient is then ignored)."""
+        empty = to_model_input(sample, self.data_cfg, next(model.parameters()).dtype, self.cfg.image_size,
+                               self.cfg.on_bad_image)
+        self.report_bad_images(sample)
+        return empty
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        ignore_grad = self.decode_encoded(sample) or ignore_grad
-        self.report_bad_images(sample)
-        self.normalize_images(sample, model)
+        ignore_grad = self.model_input(sample, model) or ignore_grad
+        criterion.set_update(update_num)  # mixup draws from (seed, update): a resume mixes as the run did
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        self.report_bad_images(sample)
-        self.normalize_images(sample, model)
+        self.model_input(sample, model)
         return super().valid_step(sample, model, criterion)
 
     def reduce_metrics(self, logging_outputs, criterion):

@@ -20,6 +20,6 @@ class NanAtUpdateConfig(MixupCrossEntropyConfig):
 class NanAtUpdate(MixupCrossEntropyCriterion):
     def forward(self, model, sample, reduce=True):
         loss, n, log = super().forward(model, sample, reduce)
-        if model.training and getattr(model, "num_updates", 0) + 1 == self.cfg.nan_at_update:
+        if model.training and self.update + 1 == self.cfg.nan_at_update:
             loss = loss * torch.tensor(float("nan"))
         return loss, n, log

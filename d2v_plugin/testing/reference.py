@@ -1,6 +1,6 @@
 """data2vec's own code (fairseq ``examples/data2vec``) importable in tests, with the two shims it needs on 3.11.
 
-Test-only: never imported by the package. REFERENCE.md section 3:
+For tests and benchmarks only (never imported by training). REFERENCE.md section 3:
 (a) dataclass fields whose default is a dataclass instance become ``default_factory``
     (Python 3.11 rejects such mutable defaults), (b) ``numpy.float`` must exist.
 The reference imports itself as the top-level package ``examples``; that name is aliased to

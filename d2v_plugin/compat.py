@@ -1,5 +1,7 @@
-"""Changes to fairseq's behaviour that training relies on, installed when the plugin is imported.
-Each is written for fairseq-fixed 0.12.x and has a test showing the upstream behaviour it changes.
+"""Every change this plugin makes to another library's behaviour, in one place. Each is installed
+explicitly (``install()``, called when the plugin registers with fairseq; the timm one by the
+RandAugment transform), only on the versions it was written for, and has a test showing that the
+upstream behaviour it changes is still there (tests/test_compat.py), so it can go when that fails.
 
 1. Atomic checkpoint copies. fairseq writes each checkpoint once, atomically (``torch_persistent_save``:
    write ``.tmp``, rename), then *copies* it to the other names it is saved under
@@ -19,11 +21,16 @@ Each is written for fairseq-fixed 0.12.x and has a test showing the upstream beh
    writes into the same two dicts: a second composite in a process (the trainer rebuilds its
    optimizer when it resumes; a comparison builds two) sees the first one's groups, and fairseq's own
    check that each group has a scheduler then fails. The patch gives each instance its own dicts.
+
+4. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
+   fine-tuning uses) asks Pillow for 0 bits at full magnitude; Pillow >= 10 refuses (ValueError) where
+   it used to return black. The patch keeps timm's meaning: 0 bits kept is a black image.
 """
 import logging
 import os
 import shutil
 
+import fairseq
 import torch
 from fairseq.file_io import PathManager
 from fairseq.optim.composite import FairseqCompositeOptimizer
@@ -92,7 +99,16 @@ def composite_init_with_own_dicts(self, cfg, params):
     _original_composite_init(self, cfg, params)
 
 
+FAIRSEQ_WRITTEN_FOR = "0.12."  # fairseq-fixed 0.12.3.1, the pinned version
+
+
 def install() -> None:
+    """Install the fairseq patches (1-3); on another fairseq than they were written for, none."""
+    if not fairseq.__version__.startswith(FAIRSEQ_WRITTEN_FOR):
+        logger.warning(f"d2v_plugin's fairseq patches were written for fairseq {FAIRSEQ_WRITTEN_FOR}x, this is "
+                       f"{fairseq.__version__}: not installed (atomic checkpoint copies, exact half-precision "
+                       f"resumes, per-instance composite optimizer groups)")
+        return
     if PathManager.copy is not atomic_copy:
         PathManager.copy = staticmethod(atomic_copy)
     if _FP16OptimizerMixin.state_dict is not fp16_state_dict_with_masters:
@@ -100,3 +116,26 @@ def install() -> None:
         _FP16OptimizerMixin.load_state_dict = fp16_load_state_dict_with_masters
     if FairseqCompositeOptimizer.__init__ is not composite_init_with_own_dicts:
         FairseqCompositeOptimizer.__init__ = composite_init_with_own_dicts
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize, keeping timm's meaning at 0 bits: 0 bits kept is black, what Pillow computed
+    before it refused ``bits=0``."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def install_timm_posterize_fix() -> None:
+    """Patch 4, for Pillow >= 10 (which refuses 0 bits)."""
+    import PIL
+    from timm.data import auto_augment
+
+    if int(PIL.__version__.split(".")[0]) < 10:
+        return
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
