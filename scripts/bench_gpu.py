@@ -9,7 +9,6 @@ forward FLOPs counted from the architecture: 2 x multiply-adds of every matmul a
 Paste the table into BENCHMARKS.md with the hardware named.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -81,7 +80,7 @@ def measure_device_decode(batch, repeats, device="cuda"):
 
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from bench import write_photos
+    from benchmarks.pipeline import write_photos
     from d2v_plugin.data.device_batch import decode_crops
     from d2v_plugin.data.transforms import sample_crop
 

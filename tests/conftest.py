@@ -64,6 +64,16 @@ def run(cmd, **kw):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kw)
 
 
+class Calls:
+    """Unpickling this calls ``func(*args)``: a stand-in for a malicious checkpoint's payload."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
 def _number(value):
     try:
         return float(value)

@@ -1,11 +1,10 @@
 """Checkpoint reading: every accepted format, depth truncation, and one clear error per bad file."""
 import os
-import pickle
 
 import pytest
 import torch
 
-from conftest import tiny_encoder
+from conftest import Calls, tiny_encoder
 from d2v_plugin.models.checkpoints import CheckpointError, read_encoder_checkpoint, to_data2vec_names
 from d2v_plugin.names import COMPACT_FORMAT
 from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
@@ -164,20 +163,10 @@ def test_missing_file(tmp_path):
         build(tmp_path / "nope.pt")
 
 
-class RunsCode:
-    """Unpickling this calls os.system: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def write_malicious(tmp_path, encoder):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"model": encoder.state_dict(), "payload": RunsCode(marker)}, path)
+    torch.save({"model": encoder.state_dict(), "payload": Calls(os.system, f"touch {marker}")}, path)
     return path, marker
 
 
@@ -194,25 +183,16 @@ def test_trust_checkpoint_allows_full_unpickling(tmp_path, encoder):
     assert marker.exists()  # the user said they trust it: it ran, which is why it is off by default
 
 
-class CallsTimeit:
-    """A pickled object whose loading would run code through a module no deny-list names."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import timeit
-
-        return (timeit.timeit, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
 def test_names_outside_the_allow_list_are_stand_ins_never_imported_or_called(tmp_path, encoder):
     import sys
+    import timeit
 
     marker = tmp_path / "ran"
     path = tmp_path / "odd.ckpt"
     student = {f"model.{k}": v for k, v in to_data2vec_names(encoder.state_dict(), 2).items()}
-    torch.save({"state_dict": student, "hyper_parameters": {"x": CallsTimeit(marker)}}, path)
+    # loading would run code through a module no deny-list names
+    torch.save({"state_dict": student, "hyper_parameters": {"x": Calls(timeit.timeit, f"open({str(marker)!r}, 'w')")}},
+               path)
     sys.modules.pop("timeit", None)
     cfg, state = read_encoder_checkpoint(str(path), given={"num_heads": 4})
     assert same_tensors(state, encoder.state_dict())
@@ -222,12 +202,9 @@ def test_names_outside_the_allow_list_are_stand_ins_never_imported_or_called(tmp
 def test_modules_that_run_code_are_refused_outright(tmp_path, encoder):
     import subprocess
 
-    class Spawns:
-        def __reduce__(self):
-            return (subprocess.Popen, (["touch", str(tmp_path / "ran")],))
-
     path = tmp_path / "spawn.ckpt"
-    torch.save({"state_dict": encoder.state_dict(), "x": Spawns()}, path)
+    torch.save({"state_dict": encoder.state_dict(), "x": Calls(subprocess.Popen, ["touch", str(tmp_path / "ran")])},
+               path)
     with pytest.raises(CheckpointError, match=r"refusing to unpickle objects the file asks for \(subprocess.Popen\)"):
         read_encoder_checkpoint(str(path))
     assert not (tmp_path / "ran").exists()

@@ -17,8 +17,8 @@ def resolve(name, *extra):
     from fairseq.dataclass.utils import omegaconf_no_object_check
 
     hydra_init(name)
-    # no version_base, as fairseq's hydra.main: hydra 1.1 semantics, the recipe merged onto FairseqConfig
-    with initialize_config_dir(config_dir=CONFIG_DIR):
+    # hydra 1.1 semantics, what fairseq's hydra.main (no version_base) gets: the recipe merged onto FairseqConfig
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.1"):
         cfg = compose(name, overrides=["common.user_dir=d2v_plugin", "task.data=/data/imagenet",
                                        "model.pretrained_checkpoint=/ckpt/model.pt", *extra])
     add_defaults(cfg)

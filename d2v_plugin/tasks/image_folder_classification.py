@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
 from fairseq import metrics
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task

@@ -58,7 +58,6 @@ def build_data2vec_model(embed_dim=768, num_heads=12, depth=10, prenet_depth=2, 
     """A data2vec 2.0 image model as base_images_only_task.yaml configures it, with random weights
     everywhere (norm weights and biases too), in eval mode."""
     import torch
-    from omegaconf import OmegaConf
 
     ref = data2vec()
     cfg = ref.d2v2.Data2VecMultiConfig(
@@ -85,7 +84,6 @@ def build_data2vec_model(embed_dim=768, num_heads=12, depth=10, prenet_depth=2, 
 
 def save_like_fairseq(model, cfg, path):
     """Write a checkpoint the way fairseq's trainer does (cfg as a plain dict, enums as strings)."""
-    import torch
     from fairseq import checkpoint_utils
     from omegaconf import OmegaConf
 
