@@ -2,7 +2,7 @@
 
 Loaded as fairseq's user dir (``common.user_dir=d2v_plugin``), it registers the task
 ``image_folder_classification``, the model ``data2vec2_image_classifier`` and the criterion
-``mixup_cross_entropy``. Imported on its own (a command's ``--help``, a Python session) it stays light
+``mixup_cross_entropy`` and the optimizer ``fused_adamw``. Imported on its own (a command's ``--help``, a Python session) it stays light
 until used: ``d2v_plugin.load_classifier(path)`` loads a fine-tuned model; ``d2v_plugin.register()``
 registers the names with fairseq for its own APIs (``checkpoint_utils.load_model_ensemble``, ...).
 """
@@ -19,6 +19,7 @@ def register() -> None:
     import d2v_plugin.criterions  # noqa: F401
     import d2v_plugin.compat
     import d2v_plugin.models  # noqa: F401
+    import d2v_plugin.optim  # noqa: F401
     import d2v_plugin.tasks.image_folder_classification  # noqa: F401
 
     d2v_plugin.compat.install()

@@ -11,16 +11,17 @@ import json
 import os
 import time
 
-from benchmarks import end_to_end, pipeline, startup, train_step
+from benchmarks import end_to_end, optimizer_step, pipeline, startup, train_step, trainer_step
 from benchmarks.common import REPO, RUNS, machine
 
-SECTIONS = {"startup": startup, "pipeline": pipeline, "train_step": train_step, "end_to_end": end_to_end}
+SECTIONS = {"startup": startup, "pipeline": pipeline, "train_step": train_step, "optimizer_step": optimizer_step,
+            "trainer_step": trainer_step, "end_to_end": end_to_end}
 
 
 def write_markdown(results: dict, path: str):
     lines = ["# Benchmarks", "", f"Measured by `make bench` ({results['date']}) on: {results['machine']}.",
              f"Each figure: median (min–max) over {RUNS} runs, contenders interleaved, the order rotated each run.", ""]
-    for name in ("train_step", "pipeline", "startup", "end_to_end"):
+    for name in ("train_step", "trainer_step", "optimizer_step", "pipeline", "startup", "end_to_end"):
         if name in results:
             lines += SECTIONS[name].report(results)
     lines += ["## GPU", "", results.get("gpu_note", "No GPU was lent to the task that wrote this file; "
@@ -39,7 +40,7 @@ def main():
     logging.getLogger().setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="*", default=["train_step", "pipeline", "startup", "end_to_end"])
+    parser.add_argument("--only", nargs="*", default=list(SECTIONS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
@@ -54,7 +55,7 @@ def main():
         return
     raw = os.path.join(REPO, "bench_results.json")
     results = {}
-    if set(args.only) != {"train_step", "pipeline", "startup", "end_to_end"} and os.path.exists(raw):
+    if set(args.only) != set(SECTIONS) and os.path.exists(raw):
         with open(raw) as f:  # a partial rerun keeps the other sections' figures
             results = json.load(f)
     results.update({"machine": machine(), "date": time.strftime("%Y-%m-%d")})
@@ -67,6 +68,12 @@ def main():
     if "train_step" in args.only:
         print("train step ...", flush=True)
         results["train_step"], results["train_step_batch"] = train_step.run(args.batch, args.steps), args.batch
+    if "optimizer_step" in args.only:
+        print("optimizer step ...", flush=True)
+        results["optimizer_step"] = optimizer_step.run()
+    if "trainer_step" in args.only:
+        print("trainer step ...", flush=True)
+        results["trainer_step"] = trainer_step.run()
     if "end_to_end" in args.only:
         print("end to end ...", flush=True)
         results["end_to_end"] = end_to_end.run(updates=120)

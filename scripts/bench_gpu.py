@@ -1,12 +1,17 @@
-"""GPU train-step benchmark, prepared for a lent GPU (under 8 minutes on an H100/H200):
-ours vs data2vec's own model at batch 256, bf16 and fp16 autocast, depth 12 and 4, 224 px; and
-``task.device_decode``'s batch decode + crop resize (TorchCodec nvJPEG) of 500x375 photos on the GPU.
+"""GPU benchmark of the step users run, prepared for a lent GPU (under 8 minutes on one H100/H200).
 
-    python scripts/bench_gpu.py [--out bench_gpu.json] [--steps 20]
+    python scripts/bench_gpu.py --out DIR            # on a GPU
+    python scripts/bench_gpu.py --dry-run --out DIR  # the same code on the CPU, tiny sizes (the test suite)
 
-Prints and writes images/s, peak memory and model FLOP utilisation (training FLOPs = 3 x forward,
-forward FLOPs counted from the architecture: 2 x multiply-adds of every matmul and the attention).
-Paste the table into BENCHMARKS.md with the hardware named.
+fairseq's Trainer.train_step built as fairseq-hydra-train builds it (scripts/benchmarks/trainer_step.py):
+ours from distilled_imagenet.yaml (depth 4) and d2v2_base_imagenet.yaml (depth 12) against data2vec's own
+mae_image_classification from its recipe, in fp16 and bf16, at batch 32 and 256 per GPU, the same weights.
+One line per figure: images/s, the optimizer step's share of the update, model FLOP utilisation against
+the GPU's dense fp16/bf16 peak (training FLOPs = 3 x forward; forward = 2 x multiply-adds of every matmul
+and the attention). Then: fairseq's adam against fused_adamw in ours (depth 4, bf16, batch 32, where the
+step is short and kernel launches count), host synchronisations in our step beyond fairseq's own
+(torch.cuda.set_sync_debug_mode), and task.device_decode's batched nvJPEG decode + crop resize. Writes
+DIR/bench_gpu.json; paste the figures into BENCHMARKS.md with the hardware named.
 """
 import argparse
 import json
@@ -14,72 +19,49 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
-import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
-
-
-def reference_module():
-    """data2vec's own code with its two shims (d2v_plugin/testing/reference.py)."""
-    from d2v_plugin.testing import reference
-
-    return reference
+# dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity), by the name torch reports
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+               ("A100", 312.0), ("L40S", 362.1), ("A10", 125.0)]
 
 
-def forward_flops_per_image(depth, dim=768, tokens=197, patches=196, patch=16, mlp=4, classes=1000):
+def peak_tflops(name: str):
+    return next((v for k, v in PEAK_TFLOPS if k in name), None)
+
+
+def forward_flops_per_image(depth, dim=768, image_size=224, patch=16, mlp=4, classes=1000):
+    tokens = (image_size // patch) ** 2 + 1
     per_block = 2 * tokens * (3 * dim * dim + dim * dim + 2 * mlp * dim * dim) + 2 * 2 * tokens * tokens * dim
-    return 2 * patches * (3 * patch * patch) * dim + depth * per_block + 2 * dim * classes
+    return 2 * (tokens - 1) * (3 * patch * patch) * dim + depth * per_block + 2 * dim * classes
 
 
-def build(impl, depth, ref):
-    torch.manual_seed(0)
-    d2v, cfg = ref.build_data2vec_model(depth=depth - 2, prenet_depth=2)
-    if impl == "reference":
-        return ref.reference_classifier(d2v, num_classes=1000)
-    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
-
-    path = os.path.join(tempfile.mkdtemp(), "d2v.pt")
-    ref.save_like_fairseq(d2v, cfg, path)
-    return Data2Vec2ImageClassifier.build_model(Data2Vec2ClassifierConfig(pretrained_checkpoint=path, num_classes=1000))
-
-
-def measure(model, dtype, batch, steps, warmup=3):
-    model = model.cuda().train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
-    soft = torch.softmax(torch.randn(batch, 1000, device="cuda"), -1)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast("cuda", dtype=dtype):
-            logits = model(images)
-        loss = torch.sum(-soft * F.log_softmax(logits.float(), -1)) / batch
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return batch / statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+def host_syncs_in_our_code(trainer, sample) -> dict:
+    """Host synchronisations during one of our train steps, by where they come from: torch warns on each
+    (set_sync_debug_mode), attributed to the Python line that asked for it (the plugin's, or fairseq's)."""
+    counts = {"d2v_plugin": 0, "other": 0}
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train_step([dict(sample, net_input=dict(sample["net_input"]))])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            counts["d2v_plugin" if "d2v_plugin" in (w.filename or "") else "other"] += 1
+    return counts
 
 
-def measure_device_decode(batch, repeats, device="cuda"):
-    """Images/s of decode_crops on the GPU: a batch of 500x375 q90 JPEGs (bench.py's real photographs),
+def measure_device_decode(batch, repeats, device):
+    """Images/s of task.device_decode's decode_crops: 500x375 q90 JPEGs (make bench's real photographs),
     the crops drawn as the workers draw them."""
     import io
-    import sys
 
     from PIL import Image
 
-    sys.path.insert(0, REPO)
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
     from benchmarks.pipeline import write_photos
     from d2v_plugin.data.device_batch import decode_crops
     from d2v_plugin.data.transforms import sample_crop
@@ -102,40 +84,67 @@ def measure_device_decode(batch, repeats, device="cuda"):
     return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "batch": len(jpegs)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="bench_gpu.json")
-    args = parser.parse_args()
-    ref = reference_module()
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for bench_gpu.json")
+    parser.add_argument("--steps", type=int, default=8, help="timed updates per figure (after one warm-up)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, fp32/bf16, tiny model: checks the script runs")
+    args = parser.parse_args(argv)
+
+    import d2v_plugin
+
+    d2v_plugin.register()
+    from benchmarks import trainer_step
+
+    if args.dry_run:
+        device, name, sizes = "cpu", "cpu (dry run)", dict(width=64, heads=4, image_size=32)
+        grid = [("bf16", 2, 4)]  # the half-precision path: FP16 optimizer, fp32 masters
+        steps = 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run on a GPU, or pass --dry-run")
+        device, name, sizes = "cuda", torch.cuda.get_device_name(), {}
+        grid = [(p, d, b) for p in ("bf16", "fp16") for d in (4, 12) for b in (32, 256)]
+        steps = args.steps
+    peak = peak_tflops(name) if device == "cuda" else None
+    os.makedirs(args.out, exist_ok=True)
     rows = []
-    for depth in (12, 4):
-        for dtype in (torch.bfloat16, torch.float16):
-            per = {"reference": [], "ours": []}
-            for _ in range(args.repeats):
-                for impl in ("reference", "ours"):
-                    model = build(impl, depth, ref)
-                    per[impl].append(measure(model, dtype, args.batch, args.steps))
-                    del model
-                    torch.cuda.empty_cache()
-            for impl, runs in per.items():
-                ips = statistics.median(r[0] for r in runs)
-                flops = 3 * forward_flops_per_image(depth) * ips / 1e12
-                rows.append({"depth": depth, "dtype": str(dtype).split(".")[-1], "impl": impl, "images_per_s": ips,
-                             "min": min(r[0] for r in runs), "max": max(r[0] for r in runs),
-                             "peak_gib": max(r[1] for r in runs), "tflops": flops,
-                             "mfu": flops / peak if peak else None})
-                print(json.dumps(rows[-1]), flush=True)
-    decode = measure_device_decode(args.batch, args.repeats)
+    for precision, depth, batch in grid:
+        result = trainer_step.compare(depth, batch, precision, device, steps, **sizes)
+        flops_per_image = 3 * forward_flops_per_image(depth, sizes.get("width", 768), sizes.get("image_size", 224),
+                                                      patch=16 if sizes.get("image_size", 224) >= 64 else 8)
+        for impl, r in result.items():
+            ips = r["updates_per_s"] * batch
+            tflops = flops_per_image * ips / 1e12
+            rows.append({"precision": precision, "depth": depth, "batch": batch, "impl": impl, "images_per_s": ips,
+                         "optimizer_share": r["optimizer_share"], "tflops": tflops,
+                         "mfu": tflops / peak if peak else None})
+            print(json.dumps(rows[-1]), flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # fairseq's adam against fused_adamw, in ours, where the step is shortest
+    work = tempfile.mkdtemp(prefix="bench_gpu_")
+    depth, batch, precision = (2, 4, "bf16") if args.dry_run else (4, 32, "bf16")
+    checkpoint = trainer_step.data2vec_checkpoint(work, depth, sizes.get("width", 768), sizes.get("heads", 12),
+                                                  sizes.get("image_size", 224),
+                                                  patch=16 if sizes.get("image_size", 224) >= 64 else 8)
+    optimizers = {}
+    for optimizer in ("adam", "fused_adamw"):
+        trainer, sample = trainer_step.build_ours(checkpoint, batch, precision, device, optimizer=optimizer,
+                                                  image_size=sizes.get("image_size", 224))
+        optimizers[optimizer] = trainer_step.time_updates(trainer, sample, steps)
+        print(json.dumps({"optimizer": optimizer, "depth": depth, "batch": batch, "precision": precision,
+                          **optimizers[optimizer]}), flush=True)
+    syncs = host_syncs_in_our_code(trainer, sample) if device == "cuda" else None
+    print(json.dumps({"host_syncs": syncs}), flush=True)
+    decode = measure_device_decode(4 if args.dry_run else 256, 1 if args.dry_run else 3, device)
     print(json.dumps({"device_decode": decode}), flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "batch": args.batch, "rows": rows,
-                   "device_decode": decode}, f, indent=1)
+    with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "peak_tflops": peak, "rows": rows,
+                   "optimizers": optimizers, "host_syncs": syncs, "device_decode": decode}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

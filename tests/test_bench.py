@@ -40,3 +40,17 @@ def test_every_section_renders_its_report(benchmarks, tmp_path):
     for heading in ("## Train step", "## Input pipeline", "## Start-up", "## End to end", "## GPU"):
         assert heading in text
     assert "| 12 | 2.00 (1.00–3.00) |" in text and "| 500x375 | ours (preresize 256) | 2.0 (1.0–3.0) | 1.00x |" in text
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_in_its_dry_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_gpu.py"), "--dry-run", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert {(r["impl"], r["precision"]) for r in written["rows"]} == {("ours", "bf16"), ("data2vec", "bf16")}
+    assert all(r["images_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in written["rows"])
+    assert set(written["optimizers"]) == {"adam", "fused_adamw"} and written["device_decode"]["images_per_s"] > 0

@@ -32,7 +32,7 @@ def test_every_patch_is_installed():
 def fp16_optimizer(precision):
     """fairseq's FP16Optimizer over a tiny classifier in half precision, built from the demo recipe."""
     from fairseq.optim.fp16_optimizer import FP16Optimizer
-    from test_recipes import resolve
+    from d2v_plugin.testing.recipes import resolve
 
     from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 
@@ -96,7 +96,7 @@ def test_an_interrupted_checkpoint_copy_leaves_the_previous_file_loadable(tmp_pa
 def test_fairseqs_composite_optimizers_share_their_groups_unless_patched():
     from fairseq.optim import build_optimizer
     from fairseq.optim.composite import FairseqCompositeOptimizer
-    from test_recipes import resolve
+    from d2v_plugin.testing.recipes import resolve
 
     from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 

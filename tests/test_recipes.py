@@ -2,28 +2,13 @@
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
+from d2v_plugin.testing.recipes import resolve
 
 CONFIG_DIR = os.path.join(REPO, "config")
 RECIPES = ["distilled_imagenet", "distilled_imagenet_thesis_code", "d2v2_base_imagenet", "demo"]
-
-
-def resolve(name, *extra):
-    """What fairseq-hydra-train builds before training: hydra_init + the recipe + add_defaults + resolve."""
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from fairseq.dataclass.utils import omegaconf_no_object_check
-
-    hydra_init(name)
-    # hydra 1.1 semantics, what fairseq's hydra.main (no version_base) gets: the recipe merged onto FairseqConfig
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.1"):
-        cfg = compose(name, overrides=["common.user_dir=d2v_plugin", "task.data=/data/imagenet",
-                                       "model.pretrained_checkpoint=/ckpt/model.pt", *extra])
-    add_defaults(cfg)
-    with omegaconf_no_object_check():
-        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def groups(cfg):
@@ -40,7 +25,7 @@ def test_distilled_imagenet_has_every_table_1_value():
     assert cfg.optimizer._name == "composite" and cfg.lr_scheduler._name == "pass_through"
     for group, wd in zip(groups(cfg), (0.01, 0.0)):
         assert group.lr_float == 0.001
-        assert group.optimizer._name == "adam" and list(group.optimizer.adam_betas) == [0.9, 0.95]
+        assert group.optimizer._name == "fused_adamw" and list(group.optimizer.adam_betas) == [0.9, 0.95]
         assert group.optimizer.adam_eps == 1e-6 and group.optimizer.weight_decay == wd
         assert group.lr_scheduler._name == "cosine" and group.lr_scheduler.warmup_updates == 5000
     # global batch 256 on the 8 GPUs the comment gives: 32 x 8 x 1

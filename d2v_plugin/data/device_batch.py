@@ -27,13 +27,33 @@ def normalize_batch(images: torch.Tensor, data_cfg: DataConfig = DataConfig()) -
     return (images.float() - mean) / std
 
 
-def decode_crops(jpegs: list, boxes: list, flips: list, size: int, device) -> list:
-    """JPEG bytes -> their (left, top, w, h) crops resized to size x size and flipped where asked, as
-    uint8 [3, size, size] on ``device``; None for an image that does not decode."""
+_DECODE_STREAMS: dict = {}  # device -> the CUDA stream the batch decode runs on
+
+
+def _decode_and_crop(jpegs, boxes, flips, size, device) -> list:
     out = []
     for image, box, flip in zip(decode_jpegs_on(device, jpegs), boxes, flips):
         crop = None if image is None else resize_crop(image, *box, size, size)
         out.append(crop.flip(-1) if flip and crop is not None else crop)
+    return out
+
+
+def decode_crops(jpegs: list, boxes: list, flips: list, size: int, device) -> list:
+    """JPEG bytes -> their (left, top, w, h) crops resized to size x size and flipped where asked, as
+    uint8 [3, size, size] on ``device``; None for an image that does not decode. On a GPU the decode and
+    resize run on a stream of their own, which the compute stream then waits for (an event, no host
+    synchronisation), so they do not queue behind the model's kernels still running."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _decode_and_crop(jpegs, boxes, flips, size, device)
+    compute = torch.cuda.current_stream(device)
+    stream = _DECODE_STREAMS.setdefault(str(device), torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        out = _decode_and_crop(jpegs, boxes, flips, size, device)
+    compute.wait_stream(stream)
+    for crop in out:
+        if crop is not None:
+            crop.record_stream(compute)  # made on the decode stream, used on the compute stream
     return out
 
 

@@ -1,0 +1,100 @@
+"""The fairseq optimizer ``fused_adamw``: fairseq's ``adam`` (decoupled weight decay, its eps placement)
+computed by torch's fused AdamW kernel, one launch per group instead of ~8 per parameter tensor.
+
+fairseq's ``adam`` uses a fused kernel only with apex installed; otherwise each step runs its Python
+Adam, several kernels per tensor (about 2,000 launches per update at depth 12 under the composite
+optimizer), which on a GPU costs as much as a distilled student's forward and backward. torch's
+``AdamW(fused=True)`` (CUDA and CPU) updates every tensor of a group in one kernel.
+
+The arithmetic is fairseq's: fairseq adds eps to sqrt(v) before the bias correction, torch after
+(``sqrt(v / bc2) + eps``); giving torch ``eps / sqrt(bc2)`` each step makes the two the same update
+(bc2 = 1 - beta2^t), so swapping optimizers changes the speed, not the training (tested within 1e-6
+of fairseq's ``adam`` over several updates). It works inside fairseq's machinery as ``adam`` does: as
+the composite optimizer's per-group optimizer, under the FP16 optimizer (fp32 master weights,
+non-flat), with bf16, loss scaling, clipping, lr scales and checkpoint save/load.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from fairseq.dataclass import FairseqDataclass
+from fairseq.optim import FairseqOptimizer, register_optimizer
+from omegaconf import II, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FusedAdamWConfig(FairseqDataclass):
+    adam_betas: Any = field(default=(0.9, 0.999), metadata={"help": "betas, as fairseq's adam"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "epsilon, added as fairseq's adam adds it"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (AdamW), as fairseq's adam"})
+    fused: Optional[bool] = field(
+        default=None,
+        metadata={"help": "torch's fused kernel (true) or its foreach one (false); null = fused where torch has "
+                          "it for the parameters' device and dtype"},
+    )
+    lr: List[float] = II("optimization.lr")
+
+
+class FairseqEpsAdamW(torch.optim.AdamW):
+    """torch's AdamW with fairseq's eps placement: each step, per group, ``eps = base_eps / sqrt(1 -
+    beta2^t)``. The step count ``t`` is the group's (every parameter of a group steps together, as in
+    training, where each trainable parameter has a gradient each update); it is saved with the
+    optimizer's state, so a resume continues the same sequence."""
+
+    def __init__(self, params, eps: float = 1e-8, **kwargs):
+        super().__init__(params, eps=eps, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("base_eps", group["eps"])
+            group.setdefault("fairseq_step", 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if any(p.grad is not None for p in group["params"]):
+                group["fairseq_step"] += 1
+                beta2 = group["betas"][1]
+                group["eps"] = group["base_eps"] / math.sqrt(1.0 - beta2 ** group["fairseq_step"])
+        return super().step(closure)
+
+
+def _fused_available(params) -> bool:
+    devices = {(p.device.type, p.dtype) for p in params}
+    return all(dtype in (torch.float32, torch.float16, torch.bfloat16) and kind in ("cuda", "cpu")
+               for kind, dtype in devices)
+
+
+@register_optimizer("fused_adamw", dataclass=FusedAdamWConfig)
+class FusedAdamW(FairseqOptimizer):
+    def __init__(self, cfg: FusedAdamWConfig, params):
+        super().__init__(cfg)
+        params = list(params)
+        flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        fused = _fused_available(flat) if cfg.fused is None else cfg.fused
+        self._optimizer = FairseqEpsAdamW(params, **self.optimizer_config, fused=fused, foreach=None if fused else True)
+
+    @property
+    def optimizer_config(self) -> dict:
+        """The settings a checkpoint's optimizer state may be overridden with (fairseq's convention)."""
+        betas = self.cfg.adam_betas
+        return {
+            "lr": self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr,
+            "betas": tuple(eval(betas) if isinstance(betas, str) else OmegaConf.to_container(betas)
+                           if OmegaConf.is_config(betas) else betas),
+            "eps": self.cfg.adam_eps,
+            "weight_decay": self.cfg.weight_decay,
+        }
+
+    @property
+    def supports_flat_params(self) -> bool:
+        return True
+
+    @property
+    def supports_memory_efficient_fp16(self) -> bool:
+        return False  # torch's AdamW steps the parameters' own dtype: fp16 weights need fp32 masters
