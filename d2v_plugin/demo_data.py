@@ -7,15 +7,19 @@ import numpy as np
 from PIL import Image
 
 
-def write_digits(root: str, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> dict:
+def write_digits(root: str, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
+                 per_class: int | None = None) -> dict:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as RGB PNGs in
-    ``root/{train,val}/<digit>/``, upscaled bicubically; a fixed stratified split."""
+    ``root/{train,val}/<digit>/``, upscaled bicubically; a fixed stratified split. ``per_class``: only
+    the first N images of each digit (a quick subset for tests)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     idx = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    if per_class is not None:
+        idx = np.concatenate([np.flatnonzero(digits.target == d)[:per_class] for d in range(10)])
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target[idx])
     counts = {}
     for split, ids in (("train", train_idx), ("val", val_idx)):
         for i in ids:

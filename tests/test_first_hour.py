@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, VENV_BIN, json_records, run, train_cmd
 
-COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where"]
+COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack"]
 THIRD_PARTY_NOISE = ("FutureWarning", "UserWarning", "DeprecationWarning", "DEBUG:", "warnings.warn(")
 
 
@@ -111,6 +111,7 @@ def test_the_demo_deletes_only_what_it_created(tmp_path):
     (work / "my_export").mkdir()
     (work / "my_export" / "model.safetensors").write_bytes(b"the user's")
     (work / "notes.md").write_text("the user's")
+    (work / "data_wds").mkdir()
     demo["clean_previous"](str(work))
     assert sorted(os.listdir(work)) == ["my_export", "notes.md"]
     assert (work / "my_export" / "model.safetensors").read_bytes() == b"the user's"

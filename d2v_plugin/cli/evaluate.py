@@ -13,15 +13,16 @@ import sys
 from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
 
 
-def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
+def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers: int = 0, cache_dir=None,
+             data_format: str = "auto") -> dict:
     """Top-1 / top-5 of a loaded classifier on a split, as exact fractions of the images it read."""
     import torch
 
-    from d2v_plugin.data import index_split
+    from d2v_plugin.data.containers import open_split
     from d2v_plugin.evaluation import eval_batches, topk_correct
 
     classes = model.classes or None
-    index = index_split(data, split, classes=classes, cache_dir=cache_dir)
+    index = open_split(data, split, classes=classes, cache_dir=cache_dir, data_format=data_format)
     if classes is None and len(index.classes) != model.cfg.num_classes:
         raise ValueError(f"{data}/{split} has {len(index.classes)} classes but the model has {model.cfg.num_classes}")
     top1 = top5 = n = 0
@@ -35,7 +36,9 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "evaluate")
     parser.add_argument("checkpoint", help="fine-tuned checkpoint (e.g. checkpoint_best.pt) or export folder")
-    parser.add_argument("--data", required=True, help="root holding <split>/<class>/<image>")
+    parser.add_argument("--data", required=True, help="the dataset, as task.data: a folder tree, Parquet files or "
+                                                      "tar shards")
+    parser.add_argument("--data-format", default="auto", choices=("auto", "folder", "parquet", "wds"))
     parser.add_argument("--split", default="val")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
     with fail_cleanly():
         model = load_classifier(args.checkpoint, trust=args.trust_checkpoint, num_heads=args.num_heads,
                                 norm_eps=args.norm_eps, crop_ratio=args.crop_ratio)
-        result = evaluate(model, args.data, args.split, args.batch_size, args.workers, args.cache_dir)
+        result = evaluate(model, args.data, args.split, args.batch_size, args.workers, args.cache_dir,
+                          args.data_format)
     print(json.dumps(result))
     return 0
 

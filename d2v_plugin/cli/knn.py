@@ -80,13 +80,13 @@ def knn_classify(train_feats, train_labels, query_feats, num_classes, k=20, temp
 
 def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val_split="val", batch_size=64,
               workers=0, image_size=None, crop_ratio=0.875, cache_dir=None, trust=False, prefix=None,
-              index_cache=None, num_heads=None, norm_eps=None) -> dict:
-    from d2v_plugin.data import index_split
+              index_cache=None, num_heads=None, norm_eps=None, data_format="auto") -> dict:
+    from d2v_plugin.data.containers import open_split
     from d2v_plugin.evaluation import topk_correct
 
     encoder = load_encoder(checkpoint, image_size, trust, prefix, num_heads, norm_eps)
-    train_index = index_split(data, train_split, cache_dir=index_cache)
-    val_index = index_split(data, val_split, classes=train_index.classes, cache_dir=index_cache)
+    train_index = open_split(data, train_split, cache_dir=index_cache, data_format=data_format)
+    val_index = open_split(data, val_split, classes=train_index.classes, cache_dir=index_cache, data_format=data_format)
     kw = dict(batch_size=batch_size, workers=workers, crop_ratio=crop_ratio)
     train_feats, train_labels = cached_features(encoder, train_index, checkpoint, cache_dir, desc="train", **kw)
     val_feats, val_labels = cached_features(encoder, val_index, checkpoint, cache_dir, desc="val", **kw)
@@ -100,7 +100,9 @@ def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "knn")
     parser.add_argument("checkpoint", help="pretrained encoder or fine-tuned checkpoint")
-    parser.add_argument("--data", required=True, help="root holding train/ and val/ class folders")
+    parser.add_argument("--data", required=True, help="the dataset, as task.data: a folder tree, Parquet files or "
+                                                      "tar shards, with train and val splits")
+    parser.add_argument("--data-format", default="auto", choices=("auto", "folder", "parquet", "wds"))
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--train-split", default="train")
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--k must be at least 1, got {args.k}")
         result = knn_probe(args.checkpoint, args.data, args.k, args.temperature, args.train_split, args.val_split,
                            args.batch_size, args.workers, args.image_size, args.crop_ratio, args.cache,
-                           args.trust_checkpoint, args.prefix, num_heads=args.num_heads, norm_eps=args.norm_eps)
+                           args.trust_checkpoint, args.prefix, num_heads=args.num_heads, norm_eps=args.norm_eps,
+                           data_format=args.data_format)
     print(json.dumps(result))
     return 0
 

@@ -1,9 +1,9 @@
-"""The fairseq dataset over an image-folder index: decode to RGB, transform, skip or stop on bad images."""
+"""The fairseq dataset over a split (an image-folder index, Parquet files or tar shards: data/containers.py):
+read the bytes, decode to RGB, transform, skip or stop on bad images."""
 from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,25 +117,27 @@ class ImageFolderDataset(FairseqDataset):
 
     def __getitem__(self, key) -> dict:
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
-        path = os.path.join(self.index.split_dir, self.index.files[i])
         seed = image_seed(self.seed, epoch, i)
+        if self.index.labels[i] < 0:  # a container's record without a label
+            return self._bad(i, self.index.describe(i), "the record has no label")
         data = None
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = self.index.read(i)  # the encoded bytes, from a file, a Parquet row or a tar member
             with Image.open(io.BytesIO(data)) as img:  # the transforms decode it (from the header's size on)
                 if self.device_decode and tensor_decodable(img):
                     box, flip = self.transform.draw(img, seed)  # the crop the transform would take
-                    return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": path,
+                    return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": self.index.describe(i),
                             "target": self.index.labels[i]}
                 image = self.transform(img, seed, data)
         except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
-            reason = why_unreadable(err, data)
-            if self.on_bad_image == "error":
-                raise DataError(f"unreadable image {path}: {reason} (task.on_bad_image=skip skips such files)") from None
-            self.bad_seen += 1  # reported by the consumer of the batch (BadImageReport), once per file
-            return {"id": i, "image": None, "target": self.index.labels[i], "bad": (path, reason)}
+            return self._bad(i, self.index.describe(i), why_unreadable(err, data))
         return {"id": i, "image": image, "target": self.index.labels[i]}
+
+    def _bad(self, i: int, where: str, reason: str) -> dict:
+        if self.on_bad_image == "error":
+            raise DataError(f"unreadable image {where}: {reason} (task.on_bad_image=skip skips such files)")
+        self.bad_seen += 1  # reported by the consumer of the batch (BadImageReport), once per file
+        return {"id": i, "image": None, "target": max(int(self.index.labels[i]), 0), "bad": (where, reason)}
 
     def collater(self, samples: list[dict]) -> dict:
         """Samples -> a batch in the samples' order, unreadable images left out. With ``device_decode``

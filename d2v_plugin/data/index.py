@@ -23,6 +23,10 @@ class DataError(ValueError):
 
 @dataclass
 class FolderIndex:
+    """A split of an image-folder tree, as every sample source is read (data/containers.py has the
+    others): ``len``, ``labels``, ``classes``, ``read(i)`` (the sample's encoded bytes) and
+    ``describe(i)`` (where it is, for messages)."""
+
     split_dir: str
     classes: list[str]  # label id -> class folder name (the train split's mapping)
     files: Sequence[str]  # paths relative to split_dir
@@ -31,6 +35,13 @@ class FolderIndex:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def describe(self, i: int) -> str:
+        return os.path.join(self.split_dir, self.files[i])
+
+    def read(self, i: int) -> bytes:
+        with open(self.describe(i), "rb") as f:
+            return f.read()
 
 
 def default_cache_dir() -> str:

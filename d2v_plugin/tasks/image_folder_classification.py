@@ -11,8 +11,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from d2v_plugin.data import (DataError, ImageFolderDataset, eval_transform, index_split, resolve_data_config,
-                             train_transform)
+from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, resolve_data_config, train_transform
+from d2v_plugin.data.containers import open_split
 from d2v_plugin.data.dataset import BadImageReport, tag_batches_with_epoch
 from d2v_plugin.data.device_batch import to_model_input
 from d2v_plugin.models.checkpoints import load_file
@@ -25,7 +25,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ImageFolderClassificationConfig(FairseqDataclass):
-    data: str = field(default=MISSING, metadata={"help": "root holding <split>/<class>/<image> folders"})
+    data: str = field(
+        default=MISSING,
+        metadata={"help": "the dataset: a root holding <split>/<class>/<image> folders, Parquet files "
+                          "(<split>-*.parquet, the Hugging Face layout) or tar shards (<split>-*.tar), or a brace "
+                          "pattern of shards ({split} for the split's name)"},
+    )
+    data_format: str = field(
+        default="auto", metadata={"help": "auto (found from what task.data holds), folder, parquet or wds"}
+    )
     image_size: int = field(default=224, metadata={"help": "side of the square crop fed to the model"})
     train_crop_scale: List[float] = field(
         default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range for training"}
@@ -88,7 +96,7 @@ class ImageFolderClassificationTask(FairseqTask):
         missing = OmegaConf.is_missing(cfg, "data") if OmegaConf.is_config(cfg) else cfg.data == MISSING
         if missing or not cfg.data:
             raise DataError("task.data is not set: pass task.data=<root holding train/ and val/ folders>")
-        if not os.path.isdir(cfg.data):
+        if "{" not in cfg.data and not os.path.isdir(cfg.data):
             raise DataError(f"task.data={cfg.data} does not exist or is not a folder")
         if cfg.on_bad_image not in ("skip", "error"):
             raise DataError(f"task.on_bad_image={cfg.on_bad_image!r}: use skip or error")
@@ -101,7 +109,7 @@ class ImageFolderClassificationTask(FairseqTask):
         if run is not None:
             check_precision(run.common)
             resolve_update_freq(cfg.global_batch_size, run)
-        train = index_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir)
+        train = open_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir, data_format=cfg.data_format)
         logger.info(f"{len(train.classes)} classes in {train.split_dir}")
         task = cls(cfg, train.classes)
         task._indexes = {cfg.train_split: train}
@@ -109,8 +117,8 @@ class ImageFolderClassificationTask(FairseqTask):
         return task
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
-        index = self._indexes.pop(split, None) or index_split(
-            self.cfg.data, split, classes=self.classes, cache_dir=self.cfg.cache_dir
+        index = self._indexes.pop(split, None) or open_split(
+            self.cfg.data, split, classes=self.classes, cache_dir=self.cfg.cache_dir, data_format=self.cfg.data_format
         )
         is_train = split == self.cfg.train_split
         if is_train:

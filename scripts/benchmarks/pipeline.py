@@ -7,7 +7,8 @@ import time
 
 from benchmarks.common import RUNS, fmt, rotated, summary
 
-KINDS = ("reference", "ours", "ours (fast_decode)", "ours (preresize 256)")
+KINDS = ("reference", "ours", "ours (fast_decode)", "ours (preresize 256)", "ours (parquet)", "ours (tar shards)")
+ROOTS = {"ours (preresize 256)": "small", "ours (parquet)": "parquet", "ours (tar shards)": "wds"}
 
 
 def write_photos(folder: str, count: int = 48, size=(500, 375)) -> list:
@@ -59,9 +60,10 @@ def pipeline_rate(kind: str, root: str, rounds: int = 3) -> float:
         for _ in range(rounds):
             torch.stack([dataset[i][0] for i in range(len(dataset))])
         return rounds * len(dataset) / (time.perf_counter() - start)
-    from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
+    from d2v_plugin.data import ImageFolderDataset, train_transform
+    from d2v_plugin.data.containers import open_split
 
-    index = index_split(root, "train", cache_dir=tempfile.mkdtemp(prefix="bench_index_"))
+    index = open_split(root, "train", cache_dir=tempfile.mkdtemp(prefix="bench_index_"))  # folder, parquet or tar
     dataset = ImageFolderDataset(index, train_transform(224, fast_decode=(kind == "ours (fast_decode)")))
     start = time.perf_counter()
     for epoch in range(1, rounds + 1):
@@ -74,6 +76,7 @@ def run():
     import torch
 
     torch.set_num_threads(1)  # one worker process = one core
+    from d2v_plugin.cli.pack import pack
     from d2v_plugin.cli.preresize import preresize
 
     out = {}
@@ -81,11 +84,13 @@ def run():
         folder = tempfile.mkdtemp(prefix="bench_photos_")
         paths, n_sources = write_photos(os.path.join(folder, "photos"), size=size)
         preresize(os.path.join(folder, "photos"), os.path.join(folder, "small"), short_side=256, workers=1)
+        for kind in ("parquet", "wds"):  # the same JPEGs, packed (cli.pack's defaults)
+            pack(os.path.join(folder, "photos"), os.path.join(folder, kind), kind, splits=("train",),
+                 cache_dir=os.path.join(folder, "cache"))
         per = {k: [] for k in KINDS}
         for r in range(RUNS):
             for k in rotated(KINDS, r):
-                root = os.path.join(folder, "small" if k == "ours (preresize 256)" else "photos")
-                per[k].append(pipeline_rate(k, root))
+                per[k].append(pipeline_rate(k, os.path.join(folder, ROOTS.get(k, "photos"))))
         shutil.rmtree(folder)
         out[label] = {"photos": len(paths), "sources": n_sources, **{k: summary(v) for k, v in per.items()}}
     return out
@@ -96,7 +101,8 @@ def report(results: dict) -> list:
     lines = ["## Input pipeline (one worker process, one core)", "",
              f"Train transform on {first['photos']} JPEGs made from {first['sources']} real photographs shipped "
              "with scikit-image, re-encoded at the size given (and its portrait twin), quality 90: decode, "
-             "RandomResizedCrop(224, scale=(0.08, 1), bicubic), flip, batch, each read through the dataset as a data-loading worker reads it. Reference: torchvision "
+             "RandomResizedCrop(224, scale=(0.08, 1), bicubic), flip, batch, each read through the dataset as a "
+             "data-loading worker reads it. Reference: torchvision "
              "`ImageFolder`'s loader + `Compose([RandomResizedCrop, RandomHorizontalFlip, ToTensor, "
              "Normalize])`, normalised in the worker (PIL decode, PIL crop + bicubic resize). Ours: the task's "
              "worker output (TorchCodec's libjpeg-turbo decode straight into a tensor, torch's uint8 "
@@ -105,7 +111,9 @@ def report(results: dict) -> list:
              "decoding of crops >= 2x the output: at 500x375 no crop is, so that row runs the same code as "
              "`ours` and the gap between them is the measurement's noise); `preresize 256` = "
              "the same photos after `python -m d2v_plugin.cli.preresize --short-side 256` (a trade-off: less "
-             "detail in large crops).", "",
+             "detail in large crops); `parquet` and `tar shards`: the same JPEGs packed by `python -m "
+             "d2v_plugin.cli.pack` (Parquet row groups of 8, memory-mapped; tar members read by offset), read by "
+             "random access in the same order.", "",
              "| photos | pipeline | images/s | vs reference |", "|---|---|---|---|"]
     for label, p in results["pipeline"].items():
         ref = p["reference"]["median"]

@@ -1,0 +1,318 @@
+"""Splits stored in containers rather than as one file per image: Parquet files (the Hugging Face layout:
+``train-*.parquet`` with columns ``image`` = {bytes, path} and ``label``) and WebDataset tar shards
+(``train-000000.tar`` holding ``<key>.jpg`` + ``<key>.cls``), read by random access like an image folder
+(``FolderIndex``): ``len``, ``labels``, ``classes``, ``read(i)`` -> the image's encoded bytes,
+``describe(i)`` -> where it is. fairseq's batching, sharding over GPUs, resume and the per-image seeding
+then work unchanged, and image i gets the same pixels whatever holds it.
+
+- Parquet: row groups are read on demand from memory-mapped files (the last one read is kept per file);
+  a random read costs a whole row group, so ``cli.pack`` writes small ones (Hugging Face's files have
+  large ones: repack them for training speed, README "Data").
+- Tar shards: an index of every member's offset and size, built once and cached like the folder index
+  (keyed on the shards' sizes and modification times); a read is one ``pread``.
+- Files are opened lazily in each process (after the data-loading workers fork).
+- A record without a label, or whose bytes do not decode, is a bad record (skipped and counted, or an
+  error naming the file and the row or key); a file that does not open or a truncated shard is an error
+  at start-up naming the file.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+
+import numpy as np
+
+from d2v_plugin.atomic import atomic_path
+from d2v_plugin.data.index import IMAGE_EXTENSIONS, DataError, PathList, default_cache_dir, index_split
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "folder", "parquet", "wds")
+SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val")}
+CACHE_VERSION = 1
+NO_LABEL = -1
+
+
+def split_names(split: str) -> tuple:
+    return SPLIT_ALIASES.get(split, (split,))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's brace patterns: ``{000000..000146}`` (zero-padded ranges) and ``{a,b}``."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    if ".." in body:
+        lo, hi = body.split("..")
+        options = [str(k).zfill(len(lo)) for k in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [x for opt in options for x in expand_braces(pattern[:m.start()] + opt + pattern[m.end():])]
+
+
+def _find(root: str, split: str, suffix: str) -> list[str]:
+    """The split's files: ``<root>[/data]/<split>-*<suffix>`` (also ``_`` and a single ``<split><suffix>``)
+    or ``<root>/<split>/*<suffix>``, under any of the split's names (val / validation)."""
+    if "{" in root:  # a brace pattern of shards; {split} stands for the split's name
+        if not root.endswith(suffix):
+            return []
+        for name in split_names(split):
+            files = expand_braces(root.replace("{split}", name))
+            if files and any(os.path.exists(f) for f in files):
+                return files
+        return []
+    for name in split_names(split):
+        for folder in (root, os.path.join(root, "data")):
+            files = sorted({*glob.glob(os.path.join(folder, f"{name}-*{suffix}")),
+                            *glob.glob(os.path.join(folder, f"{name}_*{suffix}")),
+                            *glob.glob(os.path.join(folder, f"{name}{suffix}"))})
+            if files:
+                return files
+        files = sorted(glob.glob(os.path.join(root, name, f"*{suffix}")))
+        if files:
+            return files
+    return []
+
+
+def detect_format(root: str, split: str) -> str:
+    """What ``task.data`` holds for this split: an image-folder tree, Parquet files or tar shards."""
+    if "{" not in root and any(os.path.isdir(os.path.join(root, n)) and not _find(root, split, ".parquet")
+                               and not _find(root, split, ".tar") for n in split_names(split)):
+        return "folder"
+    if _find(root, split, ".parquet"):
+        return "parquet"
+    if _find(root, split, ".tar"):
+        return "wds"
+    raise DataError(f"split folder not found: {os.path.join(root, split)} (expected <task.data>/{split}/<class>/<image>, "
+                    f"or Parquet files {split}-*.parquet or tar shards {split}-*.tar in task.data)")
+
+
+def open_split(root: str, split: str, classes: list[str] | None = None, cache_dir: str | None = None,
+               data_format: str = "auto"):
+    """The split as a sample source, whatever holds it. ``classes``: the train split's, None for train."""
+    if data_format not in FORMATS:
+        raise DataError(f"task.data_format={data_format!r}: use one of {', '.join(FORMATS)}")
+    fmt = detect_format(root, split) if data_format == "auto" else data_format
+    if fmt == "folder":
+        name = next((n for n in split_names(split) if os.path.isdir(os.path.join(root, n))), split)
+        return index_split(root, name, classes=classes, cache_dir=cache_dir)
+    files = _find(root, split, ".parquet" if fmt == "parquet" else ".tar")
+    if not files:
+        raise DataError(f"task.data={root}: no {'Parquet files' if fmt == 'parquet' else 'tar shards'} for split "
+                        f"'{split}' (task.data_format={data_format})")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of the {len(files)} the pattern names)")
+    source = (ParquetSplit if fmt == "parquet" else ShardSplit)(files, split, cache_dir or default_cache_dir())
+    source.set_classes(classes)
+    return source
+
+
+def _cache_file(cache_dir: str, kind: str, files: list[str]) -> str:
+    h = hashlib.sha1(f"{kind}\0{CACHE_VERSION}".encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"\0{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return os.path.join(cache_dir, f"{kind}-{h.hexdigest()}.npz")
+
+
+def _cached(cache_dir: str, kind: str, files: list[str], build) -> dict:
+    """The index of ``files`` (the result of ``build()``), cached; any change to a file's size or
+    modification time makes another key."""
+    path = _cache_file(cache_dir, kind, files)
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            logger.warning(f"ignoring unreadable index cache {path}: {err}")
+    index = build()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **index)
+    except OSError as err:
+        logger.warning(f"could not write the index cache {path}: {err}")
+    return index
+
+
+def _classes_txt(files: list[str]) -> list[str] | None:
+    path = os.path.join(os.path.dirname(os.path.abspath(files[0])), "classes.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+class _ContainerSplit:
+    """What Parquet files and tar shards share: labels, classes, lazily opened files per process."""
+
+    kind = ""
+
+    def __init__(self, files: list[str], split: str, cache_dir: str):
+        self.files, self.split = list(files), split
+        self.split_dir = f"{os.path.dirname(os.path.abspath(files[0]))} ({self.kind}: {split})"
+        self.ignored = []
+        index = _cached(cache_dir, self.kind, self.files, self._build_index)
+        self._load_index(index)
+        self._opened_in = None  # the process that opened the files: workers open their own
+
+    def set_classes(self, train_classes: list[str] | None) -> None:
+        known = [str(c) for c in self.stored_classes] if len(self.stored_classes) else _classes_txt(self.files)
+        n = int(self.labels.max()) + 1 if len(self.labels) and self.labels.max() >= 0 else 0
+        self.classes = list(train_classes) if train_classes is not None else (known or [str(k) for k in range(n)])
+        if n > len(self.classes):
+            raise DataError(f"{self.split_dir}: labels go up to {n - 1} but there are {len(self.classes)} classes"
+                            + (" (the train split's)" if train_classes is not None else ""))
+        if not len(self):
+            raise DataError(f"{self.split_dir}: no images found in {len(self.files)} file(s)")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _handles(self) -> dict:
+        if self._opened_in != os.getpid():
+            self._opened_in, self._open = os.getpid(), {}
+        return self._open
+
+    def __getstate__(self):  # a spawned worker opens its own files
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_opened_in")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._opened_in = None
+
+
+class ParquetSplit(_ContainerSplit):
+    kind = "parquet"
+
+    def _build_index(self) -> dict:
+        import pyarrow.parquet as pq
+
+        group_rows, labels, names = [], [], None
+        for path in self.files:
+            try:
+                pf = pq.ParquetFile(path)
+                columns = pf.schema_arrow.names
+                if "image" not in columns or "label" not in columns:
+                    raise DataError(f"{path}: a Parquet file without the 'image' and 'label' columns "
+                                    f"(it has {', '.join(columns)})")
+                label = pq.read_table(path, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+            except DataError:
+                raise
+            except Exception as err:
+                raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
+                                f"{str(err).strip().splitlines()[0]})") from None
+            group_rows.append([pf.metadata.row_group(k).num_rows for k in range(pf.metadata.num_row_groups)])
+            labels.append(np.where(np.isnan(label.astype(np.float64)), NO_LABEL, label).astype(np.int64))
+            names = names or _class_label_names(pf.schema_arrow.metadata)
+        counts = np.array([sum(r) for r in group_rows], dtype=np.int64)
+        groups = np.array([n for rows in group_rows for n in rows], dtype=np.int64)
+        groups_per_file = np.array([len(r) for r in group_rows], dtype=np.int64)
+        return {"labels": np.concatenate(labels) if labels else np.zeros(0, np.int64), "file_rows": counts,
+                "group_rows": groups, "groups_per_file": groups_per_file,
+                "classes": np.array(names or [], dtype=str)}
+
+    def _load_index(self, index: dict) -> None:
+        self.labels, self.stored_classes = index["labels"], index["classes"]
+        self.file_start = np.concatenate([[0], np.cumsum(index["file_rows"])])
+        group_rows = np.split(index["group_rows"], np.cumsum(index["groups_per_file"])[:-1])
+        self.group_start = [np.concatenate([[0], np.cumsum(g)]) for g in group_rows]
+
+    def _where(self, i: int):
+        f = int(np.searchsorted(self.file_start, i, side="right") - 1)
+        row = i - int(self.file_start[f])
+        g = int(np.searchsorted(self.group_start[f], row, side="right") - 1)
+        return f, g, row - int(self.group_start[f][g])
+
+    def describe(self, i: int) -> str:
+        f, _, _ = self._where(i)
+        return f"{self.files[f]} row {i - int(self.file_start[f])}"
+
+    def read(self, i: int) -> bytes:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        f, g, r = self._where(i)
+        handles = self._handles()
+        if f not in handles:
+            handles[f] = [pq.ParquetFile(self.files[f], memory_map=True), None, None]
+        entry = handles[f]
+        if entry[1] != g:  # the last row group read stays: sequential reads cost one group per group
+            entry[1], entry[2] = g, entry[0].read_row_group(g, columns=["image"]).column("image")
+        value = entry[2][r]
+        data = value["bytes"].as_py() if pa.types.is_struct(value.type) else value.as_py()
+        if data is None:
+            raise OSError("the record holds no image bytes")
+        return data
+
+
+def _class_label_names(metadata) -> list[str] | None:
+    """A Hugging Face dataset's ClassLabel names, from the Parquet schema's metadata."""
+    if not metadata or b"huggingface" not in metadata:
+        return None
+    try:
+        features = json.loads(metadata[b"huggingface"])["info"]["features"]
+        return list(features["label"]["names"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class ShardSplit(_ContainerSplit):
+    kind = "wds"
+
+    def _build_index(self) -> dict:
+        shard, offset, size, label, keys = [], [], [], [], []
+        for s, path in enumerate(self.files):
+            file_size = os.path.getsize(path)
+            samples = {}
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        if member.offset_data + member.size > file_size:
+                            raise DataError(f"{path}: truncated tar shard (member {member.name} runs past its end)")
+                        key, _, ext = member.name.partition(".")
+                        entry = samples.setdefault(key, {})
+                        if ("." + ext.lower()) in IMAGE_EXTENSIONS:
+                            entry["image"] = (member.offset_data, member.size)
+                        elif ext.lower() == "cls":
+                            entry["cls"] = tar.extractfile(member).read().decode().strip()
+            except DataError:
+                raise
+            except (tarfile.TarError, OSError, UnicodeDecodeError) as err:
+                raise DataError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from None
+            for key, entry in samples.items():
+                if "image" not in entry:
+                    continue
+                shard.append(s)
+                offset.append(entry["image"][0])
+                size.append(entry["image"][1])
+                cls = entry.get("cls")
+                label.append(int(cls) if cls is not None and cls.lstrip("-").isdigit() else NO_LABEL)
+                keys.append(key)
+        paths = PathList.from_strings(keys)
+        return {"shard": np.array(shard, dtype=np.int64), "offset": np.array(offset, dtype=np.int64),
+                "size": np.array(size, dtype=np.int64), "labels": np.array(label, dtype=np.int64),
+                "key_blob": paths.blob, "key_offsets": paths.offsets, "classes": np.array([], dtype=str)}
+
+    def _load_index(self, index: dict) -> None:
+        self.labels, self.stored_classes = index["labels"], index["classes"]
+        self.shard, self.offset, self.size = index["shard"], index["offset"], index["size"]
+        self.keys = PathList(index["key_blob"], index["key_offsets"])
+
+    def describe(self, i: int) -> str:
+        return f"{self.files[int(self.shard[i])]}:{self.keys[i]}"
+
+    def read(self, i: int) -> bytes:
+        s = int(self.shard[i])
+        handles = self._handles()
+        if s not in handles:
+            handles[s] = os.open(self.files[s], os.O_RDONLY)
+        return os.pread(handles[s], int(self.size[i]), int(self.offset[i]))

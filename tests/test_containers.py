@@ -1,0 +1,195 @@
+"""Data where users keep it: the same split as an image-folder tree, Parquet files and tar shards gives the
+same samples, labels and pixels; bad records are skipped or named; cli.pack writes and restarts."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import json_records, run, train_cmd
+from d2v_plugin.cli.pack import pack
+from d2v_plugin.data import DataError, ImageFolderDataset, train_transform
+from d2v_plugin.data.containers import ParquetSplit, ShardSplit, open_split
+from d2v_plugin.data.index import FolderIndex
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """A subset of scikit-learn's digits in all three containers, packed from the folder tree."""
+    from d2v_plugin.demo_data import write_digits
+
+    write_digits(str(tmp_path / "folder"), image_size=24, per_class=8)
+    cache = str(tmp_path / "cache")
+    for fmt in ("parquet", "wds"):
+        pack(str(tmp_path / "folder"), str(tmp_path / fmt), fmt, shard_size=12_000, cache_dir=cache)
+    return {"folder": tmp_path / "folder", "parquet": tmp_path / "parquet", "wds": tmp_path / "wds", "cache": cache}
+
+
+def test_each_container_gives_the_same_samples_labels_and_classes(digits):
+    splits = {fmt: open_split(str(digits[fmt]), "train", cache_dir=digits["cache"]) for fmt in ("folder", "parquet", "wds")}
+    assert isinstance(splits["folder"], FolderIndex) and isinstance(splits["parquet"], ParquetSplit)
+    assert isinstance(splits["wds"], ShardSplit) and len(splits["wds"].files) > 2  # several shards
+    ref = splits["folder"]
+    for fmt, split in splits.items():
+        assert split.classes == ref.classes == [str(d) for d in range(10)], fmt
+        assert len(split) == len(ref) and np.array_equal(split.labels, ref.labels), fmt
+        assert all(split.read(i) == ref.read(i) for i in range(len(ref))), fmt
+    # the same image at the same position gets the same crop and flip, whatever holds it
+    datasets = {fmt: ImageFolderDataset(s, train_transform(16), seed=3) for fmt, s in splits.items()}
+    for i in (0, 7, len(ref) - 1):
+        assert torch.equal(datasets["parquet"][(2, i)]["image"], datasets["folder"][(2, i)]["image"])
+        assert torch.equal(datasets["wds"][(2, i)]["image"], datasets["folder"][(2, i)]["image"])
+    shards = sorted(p for p in os.listdir(digits["wds"]) if p.startswith("train-"))
+    pattern = f"{digits['wds']}/{{split}}-{{000000..{len(shards) - 1:06d}}}.tar"  # webdataset's brace pattern
+    assert open_split(pattern, "train", cache_dir=digits["cache"]).files == [str(digits["wds"] / s) for s in shards]
+    val = open_split(str(digits["parquet"]), "val", classes=ref.classes, cache_dir=digits["cache"])
+    assert len(val) == len(open_split(str(digits["folder"]), "val", classes=ref.classes, cache_dir=digits["cache"]))
+
+
+def test_the_index_is_cached_and_rebuilt_when_a_file_changes(digits, monkeypatch):
+    built = []
+    real = ShardSplit._build_index
+    monkeypatch.setattr(ShardSplit, "_build_index", lambda self: built.append(1) or real(self))
+    root = str(digits["wds"])
+    open_split(root, "train", cache_dir=digits["cache"])  # built and cached
+    open_split(root, "train", cache_dir=digits["cache"])  # read from the cache
+    assert built == [1]
+    shard = sorted(p for p in os.listdir(root) if p.startswith("train-"))[0]
+    os.utime(os.path.join(root, shard), ns=(1, 1))  # another modification time: another key
+    open_split(root, "train", cache_dir=digits["cache"])
+    assert built == [1, 1]
+
+
+def test_hugging_face_parquet_layout_with_class_names_and_validation_split(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    import io
+
+    def jpeg(colour):
+        out = io.BytesIO()
+        Image.new("RGB", (20, 20), colour).save(out, format="JPEG")
+        return out.getvalue()
+
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    names = ["tench", "goldfish", "great white shark"]
+    meta = {"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"},
+                                                             "label": {"names": names, "_type": "ClassLabel"}}}})}
+    for split, n in (("train", 6), ("validation", 3)):
+        table = pa.table({"image": [{"bytes": jpeg((40 * k, 0, 0)), "path": f"{k}.JPEG"} for k in range(n)],
+                          "label": pa.array([k % 3 for k in range(n)], pa.int64())}).replace_schema_metadata(meta)
+        pq.write_table(table, tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet", row_group_size=1000)
+    train = open_split(str(tmp_path / "hf"), "train", cache_dir=str(tmp_path / "c"))
+    val = open_split(str(tmp_path / "hf"), "val", classes=train.classes, cache_dir=str(tmp_path / "c"))  # val -> validation
+    assert train.classes == names and len(train) == 6 and list(val.labels) == [0, 1, 2]
+    assert val.read(2) == jpeg((80, 0, 0)) and "validation-00000-of-00001.parquet row 2" in val.describe(2)
+
+
+def bad_shard(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_bad_records_are_skipped_and_counted_or_named(digits, tmp_path):
+    good = open_split(str(digits["folder"]), "train", cache_dir=digits["cache"]).read(0)
+    root = tmp_path / "bad_wds"
+    root.mkdir()
+    bad_shard(root / "train-000000.tar", [("a.jpg", good), ("a.cls", b"1"), ("empty.jpg", b""), ("empty.cls", b"2"),
+                                           ("corrupt.jpg", good[:60]), ("corrupt.cls", b"3"), ("nolabel.jpg", good)])
+    split = open_split(str(root), "train", cache_dir=str(tmp_path / "c"))
+    assert split.classes == ["0", "1", "2", "3"]
+    ds = ImageFolderDataset(split, train_transform(16), seed=1)
+    batch = ds.collater([ds[i] for i in range(len(split))])
+    assert batch["bad_images"] == 3 and batch["id"].tolist() == [0]
+    reasons = dict(batch["bad_files"])
+    assert reasons[f"{root / 'train-000000.tar'}:empty"] == "the file is empty"
+    assert reasons[f"{root / 'train-000000.tar'}:nolabel"] == "the record has no label"
+    assert f"{root / 'train-000000.tar'}:corrupt" in reasons
+    strict = ImageFolderDataset(split, train_transform(16), on_bad_image="error", seed=1)
+    with pytest.raises(DataError, match=r"unreadable image .*train-000000.tar:empty: the file is empty"):
+        strict[1]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad_pq").mkdir()
+    table = pa.table({"image": [{"bytes": good, "path": "a"}, {"bytes": b"not an image", "path": "b"},
+                                {"bytes": good, "path": "c"}], "label": pa.array([0, 1, None], pa.int64())})
+    pq.write_table(table, tmp_path / "bad_pq" / "train-0.parquet")
+    split = open_split(str(tmp_path / "bad_pq"), "train", cache_dir=str(tmp_path / "c"))
+    ds = ImageFolderDataset(split, train_transform(16), seed=1)
+    batch = ds.collater([ds[i] for i in range(3)])
+    assert batch["bad_images"] == 2 and dict(batch["bad_files"])[f"{tmp_path / 'bad_pq' / 'train-0.parquet'} row 2"] \
+        == "the record has no label"
+
+
+def test_a_truncated_shard_or_an_unreadable_parquet_file_stops_at_start_naming_it(digits, tmp_path):
+    shards = sorted(p for p in os.listdir(digits["wds"]) if p.startswith("train-"))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    data = (digits["wds"] / shards[0]).read_bytes()
+    (cut / "train-000000.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"train-000000.tar: (truncated tar shard|not a readable tar shard)"):
+        open_split(str(cut), "train", cache_dir=str(tmp_path / "c"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "train-0.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"train-0.parquet: not a readable Parquet file"):
+        open_split(str(tmp_path / "junk"), "train", cache_dir=str(tmp_path / "c"))
+
+
+def test_pack_is_restartable_and_writes_only_what_is_missing(digits):
+    root = digits["wds"]
+    shards = sorted(p for p in os.listdir(root) if p.startswith("train-"))
+    before = {p: (root / p).read_bytes() for p in shards}
+    mtimes = {p: os.stat(root / p).st_mtime_ns for p in shards}
+    os.remove(root / shards[1])  # as if the job died before that shard was complete
+    written = pack(str(digits["folder"]), str(root), "wds", shard_size=12_000, cache_dir=digits["cache"])
+    assert written["train"]["written_now"] == 1 and written["val"]["written_now"] == 0
+    assert {p: (root / p).read_bytes() for p in shards} == before  # the same bytes again
+    assert all(os.stat(root / p).st_mtime_ns == mtimes[p] for p in shards if p != shards[1])
+    assert (root / "classes.txt").read_text() == "".join(f"{d}\n" for d in range(10))
+
+
+@pytest.mark.slow
+def test_training_from_each_container_ends_bit_identical(digits, tmp_path):
+    weights = {}
+    for fmt in ("folder", "parquet", "wds"):
+        for workers in (0, 2):
+            result = run(train_cmd(tmp_path, digits[fmt], tmp_path / f"run_{fmt}_{workers}", "model.num_classes=10",
+                                   f"dataset.num_workers={workers}", "common.log_format=json", batch_size=8,
+                                   max_update=20))
+            assert result.returncode == 0, result.stderr[-3000:]
+            log = result.stdout + result.stderr
+            assert [r["epoch"] for r in json_records(log, "val")] == [1, 2]  # two whole epochs
+            weights[fmt, workers] = torch.load(tmp_path / f"run_{fmt}_{workers}" / "checkpoint_last.pt",
+                                               weights_only=True)["model"]
+    ref = weights["folder", 0]
+    for key, w in weights.items():
+        assert all(torch.equal(w[k], ref[k]) for k in ref), key
+
+
+def test_the_commands_take_containers(digits, tmp_path, capsys):
+    from d2v_plugin.cli import evaluate, predict
+
+    run_dir = tmp_path / "run"
+    result = run(train_cmd(tmp_path, digits["folder"], run_dir, "model.num_classes=10", batch_size=8, max_update=4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = {}
+    for fmt in ("folder", "parquet", "wds"):
+        assert evaluate.main([str(run_dir / "checkpoint_best.pt"), "--data", str(digits[fmt]), "--cache-dir",
+                              digits["cache"]]) == 0
+        scores[fmt] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["parquet"] == scores["folder"] == scores["wds"] and scores["folder"]["n"] == 16
+    assert predict.main([str(run_dir / "checkpoint_best.pt"), "--data", str(digits["wds"]), "--split", "val",
+                         "--limit", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 3 and ".tar:" in lines[0]["image"] and len(lines[0]["top"]) == 5
+    sys.stdout.flush()
