@@ -59,6 +59,15 @@ def report(results: dict) -> list:
     for k in ("imagefolder", "first scan", "cached", "parquet first", "parquet cached", "tar shards first",
               "tar shards cached"):
         if k in s:
-            lines.append(f"| {k} | {fmt(s[k], digits=3)} | {s['imagefolder']['median'] / s[k]['median']:.1f}x faster |")
-    lines.append("")
+            lines.append(f"| {k} | {fmt(s[k], digits=3)} | {relative(s['imagefolder']['median'] / s[k]['median'])} |")
+    lines += ["", "A container's first index reads every file's metadata (Parquet footers, tar headers) once; "
+              "later starts read the cache.", ""]
     return lines
+
+
+def relative(speedup: float) -> str:
+    if round(speedup, 1) == 1.0:
+        return "1.0x"
+    if speedup > 1:
+        return f"{speedup:.1f}x faster"
+    return f"{1 / speedup:.1f}x slower"
