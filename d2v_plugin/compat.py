@@ -22,7 +22,14 @@ upstream behaviour it changes is still there (tests/test_compat.py), so it can g
    optimizer when it resumes; a comparison builds two) sees the first one's groups, and fairseq's own
    check that each group has a scheduler then fails. The patch gives each instance its own dicts.
 
-4. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
+4. Save on a signal (installed by the task when a training run starts: cluster.py). fairseq's training
+   loop asks ``validate_and_save`` after every update whether to stop, and knows no stop that is not
+   the end of training. The wrapper adds one: when the ranks agreed on a stop request, it first runs
+   fairseq's own ``validate_and_save`` (which validates and saves if this update has that due, so the
+   run's validations and checkpoints are those of an uninterrupted run), saves ``checkpoint_last.pt``
+   if that did not, and exits to be resumed (``StopRequest.finish``).
+
+5. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
    fine-tuning uses) asks Pillow for 0 bits at full magnitude; Pillow >= 10 refuses (ValueError) where
    it used to return black. The patch keeps timm's meaning: 0 bits kept is a black image.
 """
@@ -118,6 +125,51 @@ def install() -> None:
         FairseqCompositeOptimizer.__init__ = composite_init_with_own_dicts
 
 
+def validate_and_save_or_stop(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
+    """fairseq_cli.train.validate_and_save, then, if the ranks agreed to stop on a signal, save and exit."""
+    from fairseq import checkpoint_utils
+
+    stop = getattr(task, "stop_request", None)
+    if stop is None or not stop.agreed:
+        return _original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
+    saves = []  # whether fairseq saves at this update anyway (the same answer on every rank)
+    save = checkpoint_utils.save_checkpoint
+
+    def counted_save(*args, **kwargs):
+        saves.append(True)
+        return save(*args, **kwargs)
+
+    checkpoint_utils.save_checkpoint = counted_save
+    try:
+        valid_losses, should_stop = _original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets,
+                                                                end_of_epoch)
+    finally:
+        checkpoint_utils.save_checkpoint = save
+    if should_stop:  # the run is complete (max_update, ...) at this update: it ends as usual
+        return valid_losses, should_stop
+    if not saves:
+        save(cfg.checkpoint, trainer, epoch_itr, None)  # checkpoint_last.pt, without a validation not due
+    stop.finish(trainer, cfg)
+
+
+_original_validate_and_save = None
+
+
+def install_save_on_signal() -> bool:
+    """Patch 4, in the process that trains (fairseq_cli.train runs it); False where it is not installed."""
+    global _original_validate_and_save
+    import fairseq_cli.train
+
+    if not fairseq.__version__.startswith(FAIRSEQ_WRITTEN_FOR):
+        logger.warning(f"d2v_plugin's save-on-signal was written for fairseq {FAIRSEQ_WRITTEN_FOR}x, this is "
+                       f"{fairseq.__version__}: signals are left to fairseq (task.save_on_signal has no effect)")
+        return False
+    if fairseq_cli.train.validate_and_save is not validate_and_save_or_stop:
+        _original_validate_and_save = fairseq_cli.train.validate_and_save
+        fairseq_cli.train.validate_and_save = validate_and_save_or_stop
+    return True
+
+
 def _posterize(img, bits_to_keep: int, **_):
     """timm's posterize, keeping timm's meaning at 0 bits: 0 bits kept is black, what Pillow computed
     before it refused ``bits=0``."""
@@ -131,7 +183,7 @@ def _posterize(img, bits_to_keep: int, **_):
 
 
 def install_timm_posterize_fix() -> None:
-    """Patch 4, for Pillow >= 10 (which refuses 0 bits)."""
+    """Patch 5, for Pillow >= 10 (which refuses 0 bits)."""
     import PIL
     from timm.data import auto_augment
 

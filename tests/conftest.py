@@ -59,9 +59,20 @@ def train_cmd(tmp_path, data, save_dir, *overrides, init=None, batch_size=4, max
             "optimizer.groups.no_decay.lr_scheduler.warmup_updates=2", "common.log_interval=1", *overrides]
 
 
-def run(cmd, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(cmd, env=None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kw)
+
+
+def weights(path):
+    """A saved checkpoint's model weights."""
+    return torch.load(path, weights_only=True)["model"]
+
+
+def max_diff(a, b):
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 class Calls:

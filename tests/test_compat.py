@@ -131,3 +131,59 @@ def test_randaugment_posterize_at_full_strength_gives_black_instead_of_crashing(
     assert out.size == img.size and not np.asarray(out).any()
     two_bits = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img)  # 4 - 2 = 2 bits kept
     assert (np.asarray(two_bits) & 0b00111111 == 0).all() and np.asarray(two_bits).any()
+
+
+class FakeTrainer:
+    """What fairseq's validate_and_save asks of the trainer."""
+
+    def __init__(self, updates):
+        self.updates = updates
+
+    def get_num_updates(self):
+        return self.updates
+
+    def cumulative_training_time(self):
+        return 60.0
+
+
+class FakeEpochIterator:
+    epoch = 1
+
+
+@pytest.mark.parametrize("case", ["mid-epoch", "end of epoch", "last update"])
+def test_fairseq_knows_no_stop_on_a_signal_the_patch_saves_and_exits(monkeypatch, case):
+    import fairseq_cli.train
+    from fairseq import checkpoint_utils
+    from d2v_plugin import cluster
+    from d2v_plugin.testing.recipes import resolve
+
+    assert compat.install_save_on_signal()
+    assert fairseq_cli.train.validate_and_save is compat.validate_and_save_or_stop
+    cfg = resolve("demo", "optimization.max_update=90", "checkpoint.save_interval_updates=0")
+    saves, validations = [], []
+    monkeypatch.setattr(checkpoint_utils, "save_checkpoint", lambda c, t, itr, val_loss: saves.append(val_loss))
+    monkeypatch.setattr(fairseq_cli.train, "validate", lambda *a: validations.append(1) or [0.25])
+    updates, end_of_epoch = {"mid-epoch": (20, False), "end of epoch": (45, True), "last update": (90, True)}[case]
+    trainer, task = FakeTrainer(updates), type("Task", (), {})()
+    args = (cfg, trainer, task, FakeEpochIterator(), ["val"], end_of_epoch)
+
+    # upstream (fairseq-fixed 0.12.3.1): fairseq stops only at max_update, a time limit or patience; when it
+    # learns to stop on a signal, the patch can go
+    assert compat._original_validate_and_save(*args)[1] == (case == "last update")
+    if case == "mid-epoch":
+        assert saves == [] and validations == []  # nothing due in the middle of an epoch
+    saves.clear(), validations.clear()
+
+    task.stop_request = cluster.StopRequest((), requeue=False)
+    task.stop_request.agreed = True  # the ranks agreed on a stop in this update
+    if case == "last update":  # the run is complete anyway: it ends as usual, exit status 0
+        assert compat.validate_and_save_or_stop(*args) == ([0.25], True)
+        assert saves == [0.25] and validations == [1]
+        return
+    with pytest.raises(SystemExit) as stopped:
+        compat.validate_and_save_or_stop(*args)
+    assert stopped.value.code == cluster.EXIT_STOPPED
+    if case == "mid-epoch":  # checkpoint_last.pt, without a validation the run would not have made
+        assert saves == [None] and validations == []
+    else:  # fairseq's own end-of-epoch validation and checkpoint, once
+        assert saves == [0.25] and validations == [1]

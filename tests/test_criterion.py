@@ -27,7 +27,7 @@ class Recorder(torch.nn.Module):
 def criterion(**kw):
     cfg = MixupCrossEntropyConfig(num_classes=NUM_CLASSES, seed=3, **kw)
     crit = MixupCrossEntropyCriterion(cfg, task=None)
-    crit.set_update(7)  # as the task's train_step does
+    crit.set_update(7, 0)  # as the task's train_step does: update 7, the global batch's first micro-batch
     return crit
 
 
@@ -48,16 +48,31 @@ def test_mixup_off_equals_torch_cross_entropy_with_label_smoothing():
 def test_mixup_on_equals_soft_ce_against_timms_targets_for_that_batch():
     model, s = Recorder().train(), sample()
     crit = criterion(mixup_alpha=0.7, cutmix_alpha=1.0, mixup_prob=1.0, switch_prob=0.5)
+    crit.set_update(7, 1)  # (place 0 draws a cutmix box too small to cover a pixel of a 4x4 image)
     loss, _, _ = crit(model, s)
     # independent: timm's Mixup with Table 1's settings, drawing from the same numpy seed
     mixup = Mixup(mixup_alpha=0.7, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
                   label_smoothing=0.1, num_classes=NUM_CLASSES)
-    with data_utils.numpy_seed(3, 7):
+    with data_utils.numpy_seed(3, 7, 1):
         mixed, soft = mixup(s["net_input"]["images"].clone(), s["target"])
     assert torch.equal(model.seen, mixed)
     assert not torch.equal(mixed, s["net_input"]["images"])
     expected = torch.sum(-soft * F.log_softmax(model.lin(mixed.flatten(1)), dim=-1))
     assert torch.allclose(loss, expected)
+
+
+def test_each_micro_batch_of_an_update_draws_its_own_mix():
+    # the micro-batches of one update (other GPUs, other accumulation steps) mix with their own draws, as
+    # each GPU of data2vec's runs does; the same place in the same update always mixes alike
+    crit, images = criterion(mixup_alpha=0.7, cutmix_alpha=1.0, mixup_prob=1.0), sample()
+    mixes = []
+    for place in (0, 1, 2, 0):
+        crit.set_update(7, place)
+        model = Recorder().train()
+        crit(model, images)
+        mixes.append(model.seen)
+    assert torch.equal(mixes[0], mixes[3])
+    assert not torch.equal(mixes[0], mixes[1]) and not torch.equal(mixes[1], mixes[2])
 
 
 def test_label_smoothing_is_applied_once_when_mixup_does_not_fire():
@@ -107,7 +122,7 @@ def test_class_mean_is_the_thesis_codes_mean_over_batch_and_classes():
     loss, n, _ = crit(model, s)
     mixup = Mixup(mixup_alpha=0.7, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
                   label_smoothing=0.1, num_classes=NUM_CLASSES)
-    with data_utils.numpy_seed(3, 7):
+    with data_utils.numpy_seed(3, 7, 0):
         mixed, soft = mixup(s["net_input"]["images"].clone(), s["target"])
     thesis = torch.mean(-soft * F.log_softmax(model.lin(mixed.flatten(1)), dim=-1))  # over batch x classes
     assert torch.allclose(loss / n, thesis)  # fairseq divides the summed loss by the sample size

@@ -1,27 +1,18 @@
-"""Reliability: deterministic augmentation, resume after SIGKILL, multi-process equivalence, atomic
-checkpoints, NaN losses, clear errors for wrong settings, untrusted files at every entry point."""
+"""Reliability: deterministic augmentation, resume after SIGKILL, atomic checkpoints, NaN losses, clear
+errors for wrong settings, untrusted files at every entry point. (Several processes, signals and
+resuming on another number of ranks: tests/test_cluster.py.)"""
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, VENV_BIN, Calls, exception_line, json_records, run, tiny_encoder, train_cmd
+from conftest import REPO, Calls, exception_line, max_diff, run, tiny_encoder, train_cmd
 from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
 
 pytestmark = pytest.mark.slow
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 # --- augmentation ------------------------------------------------------------------------------
@@ -81,69 +72,6 @@ def test_killed_run_resumes_to_the_same_weights_and_accuracy(tmp_path, image_roo
         half = torch.bfloat16 if "bf16" in precision[0] else torch.float16
         assert masters and all(m.dtype == torch.float32 for m in masters)
         assert any(not torch.equal(m, m.to(half).float()) for m in masters)  # finer than the model's weights
-
-
-# --- multi-process training --------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-CPU_DDP = ["common.cpu=true", "distributed_training.distributed_world_size=2",
-           "distributed_training.distributed_no_spawn=true", "distributed_training.device_id=0",
-           "distributed_training.distributed_backend=gloo", "distributed_training.ddp_backend=legacy_ddp"]
-NO_MIXUP = ["criterion.mixup_alpha=0", "criterion.cutmix_alpha=0"]
-GLOBAL_BATCH_8 = ["task.global_batch_size=8", "dataset.num_workers=2"]
-
-
-@pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    from d2v_plugin.demo_data import write_random_images
-
-    tmp = tmp_path_factory.mktemp("ddp")
-    write_random_images(str(tmp / "images"), classes=3, per_class={"train": 8, "val": 5}, size=24)
-    # global batch 8: one process of batch 4 gets update_freq 2 from task.global_batch_size
-    result = run(train_cmd(tmp, tmp / "images", tmp / "single", *NO_MIXUP, *GLOBAL_BATCH_8, "common.log_format=json"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = result.stdout + result.stderr
-    assert "global batch 8 = dataset.batch_size 4 x 1 ranks x optimization.update_freq 2" in log
-    return tmp
-
-
-def check_same_as_single_process(tmp, save_dir, output):
-    assert "global batch 8 = dataset.batch_size 4 x 2 ranks x optimization.update_freq 1" in output
-    diff = max_diff(weights(tmp / "single" / "checkpoint_last.pt"), weights(save_dir / "checkpoint_last.pt"))
-    assert diff < 1e-5, diff
-    records = json_records(output, "val")
-    assert records and all(float(r["val_n"]) == 15 for r in records)  # all 15 val images, once
-    single = json_records((tmp / "single" / "hydra" / "hydra_train.log").read_text(), "val")
-    assert [r["val_accuracy"] for r in records] == [r["val_accuracy"] for r in single]
-
-
-def test_two_processes_per_rank_match_one_process(single_process):
-    tmp, port = single_process, free_port()
-    procs = [subprocess.Popen(
-        train_cmd(tmp, tmp / "images", tmp / "per_rank", *NO_MIXUP, *CPU_DDP, *GLOBAL_BATCH_8, "common.log_format=json",
-                  f"distributed_training.distributed_rank={rank}",
-                  f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:]
-    check_same_as_single_process(tmp, tmp / "per_rank", outputs[0])
-
-
-def test_torchrun_two_processes_match_one_process(single_process):
-    tmp = single_process
-    launcher = [os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
-                "--no-python"]
-    result = run(train_cmd(tmp, tmp / "images", tmp / "torchrun", *NO_MIXUP, *CPU_DDP, *GLOBAL_BATCH_8,
-                           "common.log_format=json",
-                           "distributed_training.distributed_init_method=env://",
-                           "distributed_training.distributed_rank=${oc.env:RANK}", launcher=launcher))
-    assert result.returncode == 0, result.stderr[-3000:]
-    check_same_as_single_process(tmp, tmp / "torchrun", result.stdout + result.stderr)
 
 
 # --- checkpoints are never half-written --------------------------------------------------------

@@ -49,7 +49,7 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, cfg: MixupCrossEntropyConfig, task):
         super().__init__(task)
         self.cfg = cfg
-        self.update = 0  # the update being trained: the task's train_step sets it (set_update)
+        self.update, self.place = 0, 0  # the update and micro-batch being trained: set by the task (set_update)
         self.mixup = None
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.cutmix_minmax is not None:
             self.mixup = Mixup(
@@ -63,19 +63,22 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
                     f"dataset.batch_size={cfg.batch_size} is odd, but mixup/cutmix pairs the samples of a batch: "
                     f"use an even dataset.batch_size (with dataset.required_batch_size_multiple=2)")
 
-    def set_update(self, update: int) -> None:
-        """The update number of the batch about to be trained (mixup is seeded with it)."""
-        self.update = update
+    def set_update(self, update: int, place: int = 0) -> None:
+        """The update number of the batch about to be trained and its place in the update's global batch
+        (accumulation step x ranks + rank): mixup is seeded with both."""
+        self.update, self.place = update, place
 
-    def mix(self, images: torch.Tensor, target: torch.Tensor, update: int = 0):
+    def mix(self, images: torch.Tensor, target: torch.Tensor, update: int = 0, place: int = 0):
         """timm's Mixup on the batch; returns (images, soft targets).
 
         Mixup pairs sample i with sample B-1-i and needs an even batch: an odd last sample is left
-        unmixed with a label-smoothed target. Mixing draws from numpy, seeded by (seed, update) so a
-        resumed run mixes exactly as an uninterrupted one.
+        unmixed with a label-smoothed target. Mixing draws from numpy, seeded by (seed, update, place):
+        a resumed run mixes exactly as an uninterrupted one, each micro-batch of an update draws its own
+        mix (as each GPU of data2vec's runs does), and the same images mix alike however the global batch
+        is split over ranks and accumulation steps.
         """
         even = images.shape[0] - images.shape[0] % 2
-        with data_utils.numpy_seed(self.cfg.seed, update):
+        with data_utils.numpy_seed(self.cfg.seed, update, place):
             if even:
                 mixed, soft = self.mixup(images[:even].clone(), target[:even])
             else:
@@ -92,7 +95,7 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
         if model.training:  # a training statistic: images the batch left out (validation reports them too, once)
             log["bad_images"] = sample.get("bad_images", 0)
         if model.training and self.mixup is not None:
-            images, soft = self.mix(images, target, self.update)
+            images, soft = self.mix(images, target, self.update, self.place)
             logits = model(images)
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1))
         elif model.training:

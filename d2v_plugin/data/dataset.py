@@ -11,6 +11,7 @@ import torch
 from fairseq.data import FairseqDataset
 from PIL import Image
 
+from d2v_plugin.cluster import leave_signals_to_main_process
 from d2v_plugin.data.decode import DECODE_ERRORS, tensor_decodable, why_unreadable
 from d2v_plugin.data.index import DataError, FolderIndex
 from d2v_plugin.data.transforms import RandomResizedCropFlip
@@ -103,6 +104,7 @@ class ImageFolderDataset(FairseqDataset):
         self.epoch = 1
         self.sizes = np.ones(len(index), dtype=np.int64)  # every image is one example
         self.bad_seen = 0
+        self.stop_signals = ()  # set by a training run's task: a data-loading worker leaves them to it
 
     @property
     def uses_global_rngs(self) -> bool:
@@ -116,6 +118,8 @@ class ImageFolderDataset(FairseqDataset):
         self.epoch = epoch
 
     def __getitem__(self, key) -> dict:
+        if self.stop_signals:
+            leave_signals_to_main_process(self.stop_signals)  # once per data-loading worker
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         seed = image_seed(self.seed, epoch, i)
         if self.index.labels[i] < 0:  # a container's record without a label

@@ -6,11 +6,14 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from fairseq import metrics
+from fairseq import metrics, utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
+from d2v_plugin import compat
+from d2v_plugin.cluster import (MicroBatchPlaces, ResumableEpochBatchIterator, StopRequest, micro_batch_seed,
+                                parse_signals)
 from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, resolve_data_config, train_transform
 from d2v_plugin.data.containers import open_split
 from d2v_plugin.data.dataset import BadImageReport, tag_batches_with_epoch
@@ -77,6 +80,17 @@ class ImageFolderClassificationConfig(FairseqDataclass):
                           "only reorders them: the same mixup pairs every epoch, and a resumed run would "
                           "build other batches than an uninterrupted one)"},
     )
+    save_on_signal: str = field(
+        default="USR1,TERM",
+        metadata={"help": "signals (comma-separated) on which training finishes the update in flight, saves "
+                          "checkpoint_last.pt and exits with status 75 to be resumed (SLURM: #SBATCH "
+                          "--signal=USR1@180); none = fairseq's default (the signal ends the run)"},
+    )
+    requeue_on_signal: bool = field(
+        default=False,
+        metadata={"help": "after stopping on a signal under SLURM, requeue the job (scontrol requeue), as PyTorch "
+                          "Lightning does; the requeued job resumes from checkpoint_last.pt"},
+    )
     seed: int = II("common.seed")
 
 
@@ -90,6 +104,9 @@ class ImageFolderClassificationTask(FairseqTask):
         self.data_cfg = resolve_data_config(task=cfg)  # what validation, evaluate, knn and export all read
         self.report_bad_images = BadImageReport()  # each unreadable file logged once per run
         self.bad_images_total = 0  # training images left out so far in the run (kept in checkpoints)
+        self.stop_signals = parse_signals(cfg.save_on_signal)
+        self.stop_request = None  # a StopRequest once a training run starts (get_batch_iterator)
+        self.micro_batch_places = MicroBatchPlaces()
 
     @classmethod
     def setup_task(cls, cfg: ImageFolderClassificationConfig, from_checkpoint: bool = False, **kwargs):
@@ -148,8 +165,16 @@ class ImageFolderClassificationTask(FairseqTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         ignore_grad = self.model_input(sample, model) or ignore_grad
-        criterion.set_update(update_num)  # mixup draws from (seed, update): a resume mixes as the run did
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        # mixup and drop path draw from (seed, update, place in the global batch): a resume draws as the
+        # run did, and the same images draw alike however the global batch is split over ranks and steps
+        place = self.micro_batch_places(update_num)
+        criterion.set_update(update_num, place)
+        utils.set_torch_seed(micro_batch_seed(self.cfg.seed, update_num, place))
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                               ignore_grad)
+        if self.stop_request is not None:
+            self.stop_request.mark(logging_output)
+        return loss, sample_size, logging_output
 
     def valid_step(self, sample, model, criterion):
         self.model_input(sample, model)
@@ -157,6 +182,8 @@ class ImageFolderClassificationTask(FairseqTask):
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
+        if self.stop_request is not None:  # fairseq summed the update's outputs over the ranks: all agree
+            self.stop_request.agree(logging_outputs)
         # only training outputs carry bad_images (fairseq has summed them over the ranks already)
         if not any("bad_images" in log for log in logging_outputs):
             return
@@ -172,6 +199,10 @@ class ImageFolderClassificationTask(FairseqTask):
         # validation must see every image
         if not is_train:
             required_batch_size_multiple = 1
+        if is_train and self.stop_request is None and getattr(self, "run", None) is not None:
+            self.start_stopping_on_signals()
+        if self.stop_request is not None:  # before fairseq starts (forks) the data-loading workers
+            dataset.stop_signals = self.stop_request.signals
         # With no workers fairseq loads batches in a background thread (data_buffer_size); timm's
         # transform seeds and restores the process-wide RNGs per image, which would race with the
         # training loop's own draws (drop path on the CPU), so that path then loads in the main thread.
@@ -185,7 +216,26 @@ class ImageFolderClassificationTask(FairseqTask):
         if is_train and not getattr(epoch_iter.batch_sampler, "tags_epochs", False):
             epoch_iter.batch_sampler = tag_batches_with_epoch(epoch_iter.batch_sampler)
             epoch_iter._frozen_batches = None  # rebuild_batches=false: fairseq froze untagged batches already
+        if is_train:  # its saved position says on how many ranks it was counted (resume on another number)
+            ResumableEpochBatchIterator.adopt(epoch_iter, kwargs.get("max_sentences"))
         return epoch_iter
+
+    def start_stopping_on_signals(self) -> None:
+        """A training run starts: from now on the configured signals stop it to be resumed (cluster.py)."""
+        self.stop_request = StopRequest(self.stop_signals, self.cfg.requeue_on_signal)
+        if not self.stop_signals or not compat.install_save_on_signal():
+            self.stop_request = None
+            return
+        dist = self.run.distributed_training
+        if dist.distributed_world_size > 1 and not dist.distributed_no_spawn:
+            logger.warning(
+                "fairseq starts the ranks from one parent process here (distributed_training.distributed_no_spawn="
+                "false), which does not load this plugin: a signal to the whole job ends that parent, and the ranks "
+                "with it, before they can save. To save on signals, start one process per GPU: srun "
+                "--ntasks-per-node=<GPUs> with distributed_training.distributed_port=<port>, or torchrun "
+                "--nproc_per_node=<GPUs> --no-python fairseq-hydra-train ... (which passes on SIGTERM, not SIGUSR1; "
+                "README: On a cluster)")
+        self.stop_request.install()
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         expected = getattr(cfg, "num_classes", None)
