@@ -116,8 +116,10 @@ class StopRequest:
             torch.distributed.barrier(distributed_utils.get_global_group())  # rank 0 has written the file
         if distributed_utils.is_master(cfg.distributed_training):
             updates = trainer.get_num_updates()
-            if cfg.checkpoint.no_save:
-                logger.warning(f"stopped after update {updates} without saving (checkpoint.no_save=true)")
+            if cfg.checkpoint.no_save or cfg.checkpoint.no_last_checkpoints:
+                setting = "no_save" if cfg.checkpoint.no_save else "no_last_checkpoints"
+                logger.warning(f"stopped after update {updates} without saving checkpoint_last.pt "
+                               f"(checkpoint.{setting}=true): a rerun starts where the last saved checkpoint was")
             else:
                 last = os.path.join(cfg.checkpoint.save_dir, "checkpoint_last.pt")
                 logger.warning(f"stopped after update {updates} ({self.received or 'a signal to another rank'}): "
@@ -164,6 +166,11 @@ def leave_signals_to_main_process(signals: tuple) -> None:
     if torch.utils.data.get_worker_info() is None:
         return
     _worker_pid = os.getpid()
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; SIGTERM stays PyTorch's
+        for sig in signals:
+            if sig != signal.SIGTERM:
+                signal.signal(sig, signal.SIG_IGN)
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # threads started later (queue feeders) inherit it
 
