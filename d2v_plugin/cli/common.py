@@ -20,6 +20,17 @@ def make_parser(doc: str, name: str, trust_flag: bool = True) -> argparse.Argume
     return parser
 
 
+DATA_FORMATS = ("auto", "folder", "parquet", "wds")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
+                       help: str = "the dataset, as task.data: a folder tree, Parquet files or tar shards") -> None:
+    """``--data`` and ``--data-format``, as the task's ``data`` and ``data_format`` settings."""
+    parser.add_argument("--data", required=required, default=None, help=help)
+    parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
+                        help="auto (found from what --data holds), folder, parquet or wds (tar shards)")
+
+
 def load_heavy() -> None:
     """Import fairseq (and with it torch) without the DEBUG root logger its import leaves behind, and
     keep the command's stderr to warnings, errors and its own progress bar."""

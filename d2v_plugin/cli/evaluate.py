@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import add_data_arguments, fail_cleanly, load_heavy, make_parser
 
 
 def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers: int = 0, cache_dir=None,
@@ -36,9 +36,7 @@ def evaluate(model, data: str, split: str = "val", batch_size: int = 64, workers
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "evaluate")
     parser.add_argument("checkpoint", help="fine-tuned checkpoint (e.g. checkpoint_best.pt) or export folder")
-    parser.add_argument("--data", required=True, help="the dataset, as task.data: a folder tree, Parquet files or "
-                                                      "tar shards")
-    parser.add_argument("--data-format", default="auto", choices=("auto", "folder", "parquet", "wds"))
+    add_data_arguments(parser)
     parser.add_argument("--split", default="val")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import add_data_arguments, fail_cleanly, load_heavy, make_parser
 
 
 def load_encoder(path: str, image_size=None, trust=False, prefix=None, num_heads=None, norm_eps=None):
@@ -100,9 +100,8 @@ def knn_probe(checkpoint, data, k=20, temperature=0.07, train_split="train", val
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "knn")
     parser.add_argument("checkpoint", help="pretrained encoder or fine-tuned checkpoint")
-    parser.add_argument("--data", required=True, help="the dataset, as task.data: a folder tree, Parquet files or "
-                                                      "tar shards, with train and val splits")
-    parser.add_argument("--data-format", default="auto", choices=("auto", "folder", "parquet", "wds"))
+    add_data_arguments(parser, help="the dataset, as task.data: a folder tree, Parquet files or tar shards, with "
+                                    "train and val splits")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--train-split", default="train")

@@ -11,7 +11,7 @@ if any failed.
 import json
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import add_data_arguments, fail_cleanly, load_heavy, make_parser
 
 
 def file_images(paths):
@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     parser = make_parser(__doc__, "predict")
     parser.add_argument("model", help="fine-tuned checkpoint or export folder")
     parser.add_argument("images", nargs="*", help="image files")
-    parser.add_argument("--data", default=None, help="a dataset to classify the images of, instead of files")
+    add_data_arguments(parser, required=False, help="a dataset to classify the images of, instead of files (a "
+                                                    "folder tree, Parquet files or tar shards)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=int, default=None, help="only the split's first N images")
-    parser.add_argument("--data-format", default="auto", choices=("auto", "folder", "parquet", "wds"))
     parser.add_argument("--topk", type=int, default=5)
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.data):
