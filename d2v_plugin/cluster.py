@@ -154,7 +154,7 @@ _worker_pid = None
 
 
 def leave_signals_to_main_process(signals: tuple) -> None:
-    """In a data-loading worker (called with its first item; a no-op elsewhere and after the first call):
+    """In a data-loading worker (called with every item; acts once per process, and only in a worker):
     the stop signals are for the training process, which finishes its update and then shuts the
     workers down itself. A thread takes them from the worker (``sigwaitinfo``) so that the one
     SIGTERM PyTorch itself sends a stuck worker, from the training process, still ends it."""
@@ -163,9 +163,9 @@ def leave_signals_to_main_process(signals: tuple) -> None:
         return
     import torch.utils.data
 
+    _worker_pid = os.getpid()  # this process is looked at once (the training process too, with 0 workers)
     if torch.utils.data.get_worker_info() is None:
         return
-    _worker_pid = os.getpid()
     if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; SIGTERM stays PyTorch's
         for sig in signals:
             if sig != signal.SIGTERM:
@@ -198,13 +198,16 @@ class MicroBatchPlaces:
 
     def __init__(self):
         self.update, self.steps = None, 0
+        self.rank_and_size = None  # read at the first step: the process group exists by then
 
     def __call__(self, update: int) -> int:
         if update != self.update:
             self.update, self.steps = update, 0
         step = self.steps
         self.steps += 1  # (an fp16 overflow retries the update: its steps count on, alike for any split)
-        rank, world = data_parallel_rank_and_size()
+        if self.rank_and_size is None:
+            self.rank_and_size = data_parallel_rank_and_size()
+        rank, world = self.rank_and_size
         return step * world + rank
 
 
