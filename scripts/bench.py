@@ -59,24 +59,16 @@ def main():
         with open(raw) as f:  # a partial rerun keeps the other sections' figures
             results = json.load(f)
     results.update({"machine": machine(), "date": time.strftime("%Y-%m-%d")})
-    if "startup" in args.only:
-        print("start-up ...", flush=True)
-        results["startup"] = startup.run()
-    if "pipeline" in args.only:
-        print("input pipeline ...", flush=True)
-        results["pipeline"] = pipeline.run()
+    measure = {"startup": startup.run, "pipeline": pipeline.run,
+               "train_step": lambda: train_step.run(args.batch, args.steps),
+               "optimizer_step": optimizer_step.run, "trainer_step": trainer_step.run,
+               "end_to_end": lambda: end_to_end.run(updates=120)}
+    for name in SECTIONS:  # in this order: the slow sections last
+        if name in args.only:
+            print(f"{name.replace('_', ' ')} ...", flush=True)
+            results[name] = measure[name]()
     if "train_step" in args.only:
-        print("train step ...", flush=True)
-        results["train_step"], results["train_step_batch"] = train_step.run(args.batch, args.steps), args.batch
-    if "optimizer_step" in args.only:
-        print("optimizer step ...", flush=True)
-        results["optimizer_step"] = optimizer_step.run()
-    if "trainer_step" in args.only:
-        print("trainer step ...", flush=True)
-        results["trainer_step"] = trainer_step.run()
-    if "end_to_end" in args.only:
-        print("end to end ...", flush=True)
-        results["end_to_end"] = end_to_end.run(updates=120)
+        results["train_step_batch"] = args.batch
     with open(raw, "w") as f:
         json.dump(results, f, indent=1, default=str)
     write_markdown(results, args.out)
