@@ -27,7 +27,10 @@ upstream behaviour it changes is still there (tests/test_compat.py), so it can g
    the end of training. The wrapper adds one: when the ranks agreed on a stop request, it first runs
    fairseq's own ``validate_and_save`` (which validates and saves if this update has that due, so the
    run's validations and checkpoints are those of an uninterrupted run), saves ``checkpoint_last.pt``
-   if that did not, and exits to be resumed (``StopRequest.finish``).
+   if that did not, and exits to be resumed (``StopRequest.finish``). Whether fairseq saved is counted
+   on the way from ``fairseq_cli.train`` to ``save_checkpoint``, never by replacing fairseq's function:
+   it keeps the best score as an attribute of itself, and a replacement would lose it (a stop at an
+   epoch end would then take that epoch's validation for the best and overwrite checkpoint_best.pt).
 
 5. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
    fine-tuning uses) asks Pillow for 0 bits at full magnitude; Pillow >= 10 refuses (ValueError) where
@@ -125,30 +128,54 @@ def install() -> None:
         FairseqCompositeOptimizer.__init__ = composite_init_with_own_dicts
 
 
+class _CountedSaves:
+    """fairseq's ``save_checkpoint``, its calls counted: what ``fairseq_cli.train`` calls (and reads
+    ``.best`` from) while its ``validate_and_save`` runs. fairseq's function itself stays in its module:
+    it keeps the best score so far as an attribute of itself (``save_checkpoint.best``, read and written
+    through its module's name), so a substitute there would lose it."""
+
+    def __init__(self, save_checkpoint):
+        self.save_checkpoint, self.calls = save_checkpoint, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.save_checkpoint(*args, **kwargs)
+
+    def __getattr__(self, name):  # .best, as fairseq_cli.train's get_valid_stats reads it
+        return getattr(self.save_checkpoint, name)
+
+
+class _ModuleView:
+    """A module as another module sees it, with some of its names given other values."""
+
+    def __init__(self, module, **names):
+        self._module = module
+        self.__dict__.update(names)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
 def validate_and_save_or_stop(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
     """fairseq_cli.train.validate_and_save, then, if the ranks agreed to stop on a signal, save and exit."""
-    from fairseq import checkpoint_utils
+    import fairseq_cli.train
 
     stop = getattr(task, "stop_request", None)
     if stop is None or not stop.agreed:
         return _original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
-    saves = []  # whether fairseq saves at this update anyway (the same answer on every rank)
-    save = checkpoint_utils.save_checkpoint
-
-    def counted_save(*args, **kwargs):
-        saves.append(True)
-        return save(*args, **kwargs)
-
-    checkpoint_utils.save_checkpoint = counted_save
+    # whether fairseq saves at this update anyway (the same answer on every rank: each calls save_checkpoint)
+    real = fairseq_cli.train.checkpoint_utils
+    counted = _CountedSaves(real.save_checkpoint)
+    fairseq_cli.train.checkpoint_utils = _ModuleView(real, save_checkpoint=counted)
     try:
         valid_losses, should_stop = _original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets,
                                                                 end_of_epoch)
     finally:
-        checkpoint_utils.save_checkpoint = save
+        fairseq_cli.train.checkpoint_utils = real
     if should_stop:  # the run is complete (max_update, ...) at this update: it ends as usual
         return valid_losses, should_stop
-    if not saves:
-        save(cfg.checkpoint, trainer, epoch_itr, None)  # checkpoint_last.pt, without a validation not due
+    if not counted.calls:
+        real.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)  # checkpoint_last.pt, no validation not due
     stop.finish(trainer, cfg)
 
 

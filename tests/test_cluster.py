@@ -366,3 +366,28 @@ def test_a_run_stopped_on_two_ranks_continues_its_epoch_on_one(runs, tmp_path):
     assert {**before, **after} == steps(tmp / "rec_pair")  # each update with the uninterrupted run's images
     diff = max_diff(weights(tmp / "pair" / "checkpoint_last.pt"), weights(tmp_path / "run" / "checkpoint_last.pt"))
     assert diff < 1e-5, diff
+
+
+@pytest.mark.slow
+def test_a_stop_at_an_epoch_end_keeps_the_best_checkpoint_and_its_score(image_root, tmp_path):
+    # validation top-1 75% after epoch 1, 50% after epoch 2 (worse), 100% after epoch 3; SIGUSR1 arrives
+    # during update 12, the last of epoch 2: fairseq validates and saves there anyway, then the run stops
+    save_dir = tmp_path / "run"
+    command = train_cmd(tmp_path, image_root, save_dir, "criterion._name=scripted_cross_entropy",
+                        "+criterion.valid_top1=[0.75,0.5,1.0]", "+criterion.signal_in_update=12",
+                        "checkpoint.no_epoch_checkpoints=false", "optimization.max_epoch=3", "dataset.num_workers=2",
+                        max_update=18, user_dir="tests/scripted_run")
+    stopped = run(command)
+    log = stopped.stdout + stopped.stderr
+    assert stopped.returncode == cluster.EXIT_STOPPED, log[-3000:]
+    assert "stopped after update 12 (SIGUSR1)" in log
+    epoch_1, best, last = (torch.load(save_dir / name, weights_only=True)
+                           for name in ("checkpoint1.pt", "checkpoint_best.pt", "checkpoint_last.pt"))
+    assert last["optimizer_history"][-1]["num_updates"] == 12 and last["extra_state"]["val_loss"] == 50.0
+    assert max_diff(best["model"], epoch_1["model"]) == 0.0  # still epoch 1's weights
+    assert best["extra_state"]["best"] == last["extra_state"]["best"] == 75.0
+
+    resumed = run(command)  # the rerun: epoch 3 is the best yet
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    best, epoch_3 = (torch.load(save_dir / name, weights_only=True) for name in ("checkpoint_best.pt", "checkpoint3.pt"))
+    assert max_diff(best["model"], epoch_3["model"]) == 0.0 and best["extra_state"]["best"] == 100.0
