@@ -230,6 +230,7 @@ class ResumableEpochBatchIterator(EpochBatchIterator):
     of the list; ``load_state_dict`` turns it into the count per rank here."""
 
     batch_size = None  # images per rank and batch (dataset.batch_size), set by the task
+    batches_through = None  # set by the task: wraps each epoch's batches (data.device_batch.DevicePrefetcher)
 
     @classmethod
     def adopt(cls, epoch_iter: EpochBatchIterator, batch_size) -> EpochBatchIterator:
@@ -239,6 +240,12 @@ class ResumableEpochBatchIterator(EpochBatchIterator):
         if isinstance(epoch_iter, cls):
             epoch_iter.batch_size = batch_size
         return epoch_iter
+
+    def _get_iterator_for_epoch(self, *args, **kwargs):
+        itr = super()._get_iterator_for_epoch(*args, **kwargs)
+        if itr is not None and self.batches_through is not None:
+            itr._itr = self.batches_through(itr._itr)  # inside fairseq's CountingIterator: counts unchanged
+        return itr
 
     def state_dict(self):
         state = super().state_dict()

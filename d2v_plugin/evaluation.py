@@ -24,9 +24,9 @@ def eval_batches(index, data_cfg, batch_size: int = 64, workers: int = 0, desc: 
 
     from d2v_plugin.data.dataset import BadImageReport, ImageFolderDataset
     from d2v_plugin.data.device_batch import to_model_input
-    from d2v_plugin.data.transforms import eval_transform
+    from d2v_plugin.data.transforms import data_eval_transform
 
-    dataset = ImageFolderDataset(index, eval_transform(data_cfg.image_size, data_cfg.crop_ratio), shuffle=False)
+    dataset = ImageFolderDataset(index, data_eval_transform(data_cfg), shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=dataset.collater)
     report_bad_images = BadImageReport()

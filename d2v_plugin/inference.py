@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from d2v_plugin.data.config import DataConfig, resolve_data_config
 from d2v_plugin.data.device_batch import Normalized
-from d2v_plugin.data.transforms import eval_transform
+from d2v_plugin.data.transforms import data_eval_transform
 from d2v_plugin.models.checkpoints import CheckpointError, checkpoint_filter_fn, classifier_from_object, strict_load
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
@@ -27,10 +27,7 @@ def _build(model_cfg: dict, enc_cfg: EncoderConfig, state: dict, source: str, cl
     model.eval()
     model.classes = list(classes or [])
     model.data_cfg = data_cfg  # what evaluate, knn and export read
-    model.image_size, model.crop_ratio, model.mean, model.std = (data_cfg.image_size, data_cfg.crop_ratio,
-                                                                 data_cfg.mean, data_cfg.std)
-    model.transform = eval_transform(data_cfg.image_size, data_cfg.crop_ratio)  # uint8, for datasets
-    model.preprocess = Normalized(model.transform, data_cfg)  # PIL image -> normalised float tensor
+    model.preprocess = Normalized(data_eval_transform(data_cfg), data_cfg)  # PIL image -> normalised float tensor
     return model
 
 
@@ -66,9 +63,8 @@ def load_classifier(path: str, trust: bool = False, num_heads: int | None = None
     data2vec's defaults are used with a warning otherwise). ``crop_ratio``: the eval crop (resize the
     shorter side to size / ratio, centre-crop size); None = the one the file's training used.
 
-    It carries ``classes`` (class names in label order, when known) and ``preprocess`` (the eval
-    transform: PIL image -> normalised tensor), plus ``transform`` (the same without normalisation, as
-    ``ImageFolderDataset`` takes it), ``image_size``, ``crop_ratio``, ``mean``, ``std``.
+    It carries ``classes`` (class names in label order, when known), ``data_cfg`` (image size, eval crop,
+    normalisation, interpolation) and ``preprocess`` (the eval transform: PIL image -> normalised tensor).
     """
     path = os.fspath(path)
     if os.path.isdir(path):

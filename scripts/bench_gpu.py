@@ -10,8 +10,10 @@ One line per figure: images/s, the optimizer step's share of the update, model F
 the GPU's dense fp16/bf16 peak (training FLOPs = 3 x forward; forward = 2 x multiply-adds of every matmul
 and the attention). Then: fairseq's adam against fused_adamw in ours (depth 4, bf16, batch 32, where the
 step is short and kernel launches count), host synchronisations in our step beyond fairseq's own
-(torch.cuda.set_sync_debug_mode), and task.device_decode's batched nvJPEG decode + crop resize. Writes
-DIR/bench_gpu.json; paste the figures into BENCHMARKS.md with the hardware named.
+(torch.cuda.set_sync_debug_mode), and task.device_decode on real encoded JPEG batches: the training step
+with no decode, with the decode prefetched one batch ahead (what training runs) and decoded inline, and
+the share of the decode's cost the prefetching hides. Writes DIR/bench_gpu.json; paste the figures into
+BENCHMARKS.md with the hardware named.
 """
 import argparse
 import json
@@ -40,7 +42,10 @@ def forward_flops_per_image(depth, dim=768, image_size=224, patch=16, mlp=4, cla
 
 def host_syncs_in_our_code(trainer, sample) -> dict:
     """Host synchronisations during one of our train steps, by where they come from: torch warns on each
-    (set_sync_debug_mode), attributed to the Python line that asked for it (the plugin's, or fairseq's)."""
+    (set_sync_debug_mode), attributed to the Python line that asked for it (the plugin's, or fairseq's).
+    ``sample`` is a batch as the training step receives it with task.device_decode: prefetched, already
+    on the device. TorchCodec's own waits (its CUDA decode synchronises before it returns) happen in the
+    prefetch thread and are invisible to this count either way: the overlap below measures them."""
     counts = {"d2v_plugin": 0, "other": 0}
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -55,33 +60,97 @@ def host_syncs_in_our_code(trainer, sample) -> dict:
     return counts
 
 
-def measure_device_decode(batch, repeats, device):
-    """Images/s of task.device_decode's decode_crops: 500x375 q90 JPEGs (make bench's real photographs),
-    the crops drawn as the workers draw them."""
-    import io
-
-    from PIL import Image
-
+def encoded_batches(batch: int, count: int, image_size: int):
+    """``count`` training batches of real photographs (make bench's 500x375 q90 JPEGs) as the
+    data-loading workers hand them over with task.device_decode: JPEG bytes, crop boxes and flips."""
     from benchmarks.pipeline import write_photos
-    from d2v_plugin.data.device_batch import decode_crops
-    from d2v_plugin.data.transforms import sample_crop
+    from d2v_plugin.data import ImageFolderDataset, index_split
+    from d2v_plugin.data.transforms import RandomResizedCropFlip
 
-    paths, _ = write_photos(tempfile.mkdtemp(prefix="gpu_photos_"), count=batch)
-    jpegs = [open(p, "rb").read() for p in paths]
-    g = torch.Generator().manual_seed(0)
-    boxes = [sample_crop(*Image.open(io.BytesIO(d)).size, generator=g) for d in jpegs]
-    flips = [i % 2 == 0 for i in range(len(jpegs))]
+    root = tempfile.mkdtemp(prefix="gpu_photos_")
+    write_photos(root, count=batch * count)
+    index = index_split(root, "train", cache_dir=os.path.join(root, "cache"))
+    ds = ImageFolderDataset(index, RandomResizedCropFlip(image_size), device_decode=True, seed=1)
+    samples = [ds[i] for i in range(len(ds))]
+    return [ds.collater(samples[k:k + batch]) for k in range(0, len(samples), batch)]
+
+
+def pinned(sample):
+    return {k: pinned(v) if isinstance(v, dict) else v.pin_memory() if torch.is_tensor(v) and torch.cuda.is_available()
+            else v for k, v in sample.items()}
+
+
+def measure_device_decode(trainer, task, batches, device, rounds: int) -> dict:
+    """The training step with task.device_decode, per update, against the same step on batches already
+    decoded on the device (the cost without any decode): through the DevicePrefetcher (batch k + 1
+    decoded while batch k trains, what training runs) and decoded inline at the start of the step (no
+    overlap). overlap = the share of the inline decode's cost the prefetcher hides. Also the decode
+    alone (decode_crops) in images/s."""
+    import copy
+
+    from d2v_plugin.data.device_batch import DevicePrefetcher, decode_crops, to_device
+
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    decode_crops(jpegs, boxes, flips, 224, device)  # warm-up: nvJPEG handles, kernels
-    rates = []
-    for _ in range(repeats):
+    dev = torch.device(device)
+
+    def fresh():
+        return [pinned(copy.deepcopy(b)) for b in batches]
+
+    decoded = [task.decode_on_device(to_device(b, dev)) for b in fresh()]
+
+    def timed(samples) -> float:
         sync()
         start = time.perf_counter()
-        for _ in range(5):
-            out = decode_crops(jpegs, boxes, flips, 224, device)
+        n = 0
+        for sample in samples:
+            trainer.train_step([sample])
+            n += 1
         sync()
-        rates.append(5 * len(out) / (time.perf_counter() - start))
-    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "batch": len(jpegs)}
+        return (time.perf_counter() - start) / n
+
+    def inline(samples):
+        for b in samples:
+            yield to_device(b, dev)  # decoded by the training step itself (task.model_input)
+
+    timed([dict(b, net_input=dict(b["net_input"])) for b in decoded[:1]])  # warm-up, nvJPEG handles
+    per = {"no decode": [], "prefetched decode": [], "inline decode": []}
+    for _ in range(rounds):
+        per["no decode"].append(timed([dict(b, net_input=dict(b["net_input"])) for b in decoded]))
+        per["prefetched decode"].append(timed(DevicePrefetcher(iter(fresh()), task.decode_on_device, dev)))
+        per["inline decode"].append(timed(inline(fresh())))
+    step = {k: statistics.median(v) for k, v in per.items()}
+    hidden = step["inline decode"] - step["prefetched decode"]
+    cost = step["inline decode"] - step["no decode"]
+    first = batches[0]["encoded"]
+    rates = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        out = decode_crops(first["jpegs"], first["boxes"], first["flips"], task.cfg.image_size, device)
+        sync()
+        rates.append(len(out) / (time.perf_counter() - start))
+    return {"step_s": step, "decode_cost_s": cost, "overlap": hidden / cost if cost > 0 else None,
+            "decode_images_per_s": statistics.median(rates), "batch": len(first["jpegs"]),
+            "prefetched_sample": decoded[0]}
+
+
+def host_to_device_copy(batch: int, image_size: int, device: str, repeats: int) -> dict:
+    """Seconds to copy one batch to the device from pinned memory: ours as uint8 pixels (normalised on
+    the device), data2vec's as float32 (normalised in its workers): the saving of staging uint8."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = {}
+    for name, dtype in (("uint8 (ours)", torch.uint8), ("float32 (data2vec)", torch.float32)):
+        host = torch.zeros(batch, 3, image_size, image_size, dtype=dtype)
+        host = host.pin_memory() if device == "cuda" else host
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            host.to(device, non_blocking=True)
+            sync()
+            times.append(time.perf_counter() - start)
+        out[name] = {"s": statistics.median(times), "mb": host.numel() * host.element_size() / 1e6}
+    return out
 
 
 def main(argv=None) -> int:
@@ -136,13 +205,22 @@ def main(argv=None) -> int:
         optimizers[optimizer] = trainer_step.time_updates(trainer, sample, steps)
         print(json.dumps({"optimizer": optimizer, "depth": depth, "batch": batch, "precision": precision,
                           **optimizers[optimizer]}), flush=True)
-    syncs = host_syncs_in_our_code(trainer, sample) if device == "cuda" else None
-    print(json.dumps({"host_syncs": syncs}), flush=True)
-    decode = measure_device_decode(4 if args.dry_run else 256, 1 if args.dry_run else 3, device)
+    copies = host_to_device_copy(4 if args.dry_run else 256, sizes.get("image_size", 224), device,
+                               1 if args.dry_run else 5)
+    print(json.dumps({"host_to_device_copy": copies}), flush=True)
+    # task.device_decode on real encoded JPEG batches, through the prefetching path training uses
+    batch = 4 if args.dry_run else 256
+    trainer, _ = trainer_step.build_ours(checkpoint, batch, precision, device, image_size=sizes.get("image_size", 224))
+    batches = encoded_batches(batch, 2 if args.dry_run else 4, sizes.get("image_size", 224))
+    decode = measure_device_decode(trainer, trainer.task, batches, device, 1 if args.dry_run else 3)
+    prefetched = decode.pop("prefetched_sample")
     print(json.dumps({"device_decode": decode}), flush=True)
+    syncs = host_syncs_in_our_code(trainer, prefetched) if device == "cuda" else None
+    print(json.dumps({"host_syncs": syncs}), flush=True)
     with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "peak_tflops": peak, "rows": rows,
-                   "optimizers": optimizers, "host_syncs": syncs, "device_decode": decode}, f, indent=1)
+                   "optimizers": optimizers, "host_syncs": syncs, "device_decode": decode,
+                   "host_to_device_copy": copies}, f, indent=1)
     return 0
 
 

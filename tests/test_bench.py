@@ -53,4 +53,7 @@ def test_the_gpu_benchmark_runs_on_the_cpu_in_its_dry_run(tmp_path):
     written = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert {(r["impl"], r["precision"]) for r in written["rows"]} == {("ours", "bf16"), ("data2vec", "bf16")}
     assert all(r["images_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in written["rows"])
-    assert set(written["optimizers"]) == {"adam", "fused_adamw"} and written["device_decode"]["images_per_s"] > 0
+    assert set(written["optimizers"]) == {"adam", "fused_adamw"}
+    decode = written["device_decode"]  # the step with task.device_decode on real JPEG batches, prefetched or not
+    assert set(decode["step_s"]) == {"no decode", "prefetched decode", "inline decode"}
+    assert all(t > 0 for t in decode["step_s"].values()) and decode["decode_images_per_s"] > 0

@@ -87,7 +87,7 @@ def test_the_thesis_fine_tuned_classifier_evaluates_as_its_head_computes(tmp_pat
         expected = head(head_norm(data2vec_features(student)[:, 1:].mean(dim=1)))
         logits = model(IMAGES)
     assert logits.shape == (3, 5) and (logits - expected).abs().max().item() < 1e-4
-    assert model.crop_ratio == 1.0  # the thesis' code evaluates resize 224, centre-crop 224
+    assert model.data_cfg.crop_ratio == 1.0  # the thesis' code evaluates resize 224, centre-crop 224
 
 
 def test_data2vecs_fine_tuned_classifier_loads_as_a_classifier(tmp_path):
@@ -99,7 +99,7 @@ def test_data2vecs_fine_tuned_classifier_loads_as_a_classifier(tmp_path):
     path = tmp_path / "d2v_finetuned.pt"
     save_data2vec_finetuned(mae, path)
     model = load_classifier(path)  # heads and eps come from the file's pretrained_model_args
-    assert model.encoder.cfg.num_heads == 4 and model.encoder.cfg.depth == 5 and model.crop_ratio == 0.875
+    assert model.encoder.cfg.num_heads == 4 and model.encoder.cfg.depth == 5 and model.data_cfg.crop_ratio == 0.875
     with torch.no_grad():
         assert (model(IMAGES) - mae(IMAGES)).abs().max().item() < 1e-4
         ours = model.encoder(IMAGES)

@@ -131,6 +131,19 @@ def test_bad_records_are_skipped_and_counted_or_named(digits, tmp_path):
         == "the record has no label"
 
 
+def test_tar_keys_split_at_the_first_dot_of_the_file_name_as_webdataset_does(digits, tmp_path):
+    good = open_split(str(digits["folder"]), "train", cache_dir=digits["cache"]).read(0)
+    root = tmp_path / "dots"
+    root.mkdir()
+    # a dot in a folder name, and the ./ that `tar cf shard.tar ./...` writes before every member
+    bad_shard(root / "train-000000.tar", [("./n01.v2/a.jpg", good), ("./n01.v2/a.cls", b"1"),
+                                           ("./n01.v2/b.jpg", good), ("./n01.v2/b.cls", b"2"),
+                                           ("./c.d/e.f.jpg", good), ("./c.d/e.f.cls", b"0")])
+    split = open_split(str(root), "train", cache_dir=str(tmp_path / "c"))
+    assert list(split.keys) == ["./n01.v2/a", "./n01.v2/b", "./c.d/e"]  # e.f.jpg: key ./c.d/e, field f.jpg
+    assert split.labels.tolist() == [1, 2, 0]
+
+
 def test_a_truncated_shard_or_an_unreadable_parquet_file_stops_at_start_naming_it(digits, tmp_path):
     shards = sorted(p for p in os.listdir(digits["wds"]) if p.startswith("train-"))
     cut = tmp_path / "cut"

@@ -11,6 +11,7 @@ from d2v_plugin.data import DataConfig
 from d2v_plugin.data.device_batch import Normalized
 from d2v_plugin.data.transforms import RandomResizedCropFlip, sample_crop
 from d2v_plugin.data import index as index_module
+from d2v_plugin.demo_data import write_random_images
 
 
 def test_classes_sorted_by_folder_name_give_label_ids(image_root, cache_dir):
@@ -111,6 +112,42 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops(tmp_path):
     expected = torch.from_numpy(((crop - mean) / std).transpose(2, 0, 1)).float()
     assert out.shape == (3, 64, 64)
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_the_interpolation_setting_changes_the_pixels_of_every_resize(tmp_path, cache_dir):
+    import torch.nn.functional as F
+
+    from d2v_plugin.data import resolve_data_config
+    from d2v_plugin.data.transforms import RandomResizedCropFlip, data_eval_transform, hwc_tensor
+    from d2v_plugin.tasks.image_folder_classification import (ImageFolderClassificationConfig,
+                                                               ImageFolderClassificationTask)
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    # eval: PIL's resize with the filter named
+    out = {name: eval_transform(32, 0.875, interpolation=name)(img) for name in ("bicubic", "bilinear")}
+    resized = img.resize((48, 36), Image.BILINEAR)
+    left, top = round((48 - 32) / 2.0), round((36 - 32) / 2.0)
+    assert torch.equal(out["bilinear"], hwc_tensor(resized.crop((left, top, left + 32, top + 32))))
+    assert not torch.equal(out["bilinear"], out["bicubic"])
+    # training crop: torch's antialiased kernel of that mode, on the same crop box
+    crops = {name: RandomResizedCropFlip(24, interpolation=name, flip=0.0)(img, 7) for name in ("bicubic", "bilinear")}
+    left, top, w, h = RandomResizedCropFlip(24).draw(img, 7)[0]
+    crop = hwc_tensor(img)[None, :, top:top + h, left:left + w]
+    assert torch.equal(crops["bilinear"], F.interpolate(crop, size=(24, 24), mode="bilinear", antialias=True)[0])
+    assert not torch.equal(crops["bilinear"], crops["bicubic"])
+    # the task's setting reaches the data config, its eval transform and its training transform
+    write_random_images(str(tmp_path / "d"), classes=2, per_class={"train": 2, "val": 1}, size=24)
+    cfg = ImageFolderClassificationConfig(data=str(tmp_path / "d"), image_size=16, interpolation="bilinear",
+                                          cache_dir=cache_dir)
+    task = ImageFolderClassificationTask.setup_task(cfg)
+    assert task.data_cfg.interpolation == "bilinear" == resolve_data_config(task=cfg).interpolation
+    task.load_dataset("train"), task.load_dataset("val")
+    assert task.datasets["train"].transform.interpolation == "bilinear"
+    assert task.datasets["val"].transform.filter == data_eval_transform(task.data_cfg).filter == Image.BILINEAR
+    with pytest.raises(ValueError, match="task.interpolation='lanczos2': use one of bicubic, bilinear, nearest"):
+        ImageFolderClassificationTask.setup_task(ImageFolderClassificationConfig(
+            data=str(tmp_path / "d"), interpolation="lanczos2", cache_dir=cache_dir))
 
 
 def test_train_transform_output_is_normalised_crop():
@@ -274,7 +311,6 @@ def test_dataset_skips_unreadable_images_and_counts_them(tmp_path, cache_dir):
     ds = ImageFolderDataset(index, eval_transform(16, 1.0), on_bad_image="skip", shuffle=False)  # noqa
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert batch["bad_images"] == 2 and batch["net_input"]["images"].shape == (3, 3, 16, 16)
-    assert ds.bad_seen == 2
 
 
 def test_dataset_stops_naming_the_file_when_asked(tmp_path, cache_dir):
@@ -307,14 +343,37 @@ def test_preresize_writes_a_smaller_copy_with_the_same_tree(tmp_path, cache_dir)
         Image.new("RGB", (640, 480), (10, 200, 30)).save(src / split / cls / "big.jpg", quality=90)
         Image.new("L", (100, 80), 50).save(src / split / cls / "small.png")
     (src / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
-    n, failed = preresize(str(src), str(tmp_path / "out"), short_side=120, workers=1)
-    assert n == 7 and len(failed) == 1 and "broken.jpg" in failed[0]
+    counts = preresize(str(src), str(tmp_path / "out"), short_side=120, workers=1)
+    assert (counts["images"], counts["written"], counts["done"]) == (7, 6, 0)
+    assert len(counts["failed"]) == 1 and "broken.jpg" in counts["failed"][0]
     with Image.open(tmp_path / "out" / "train" / "b" / "big.jpg") as img:
         assert img.size == (160, 120) and img.mode == "RGB"
     with Image.open(tmp_path / "out" / "val" / "a" / "small.jpg") as img:
         assert img.size == (100, 80) and img.mode == "RGB"
     train = index_split(str(tmp_path / "out"), "train", cache_dir=cache_dir)
     assert train.classes == ["a", "b"] and len(train) == 4
+    again = preresize(str(src), str(tmp_path / "out"), short_side=120, workers=1)  # a restart: nothing left to do
+    assert (again["written"], again["done"], len(again["failed"])) == (0, 6, 1)
+
+
+def test_preresize_keeps_both_files_that_share_a_stem_and_refuses_an_empty_tree(tmp_path):
+    from d2v_plugin.cli import preresize as cli
+
+    src = tmp_path / "src" / "train" / "a"
+    src.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(src / "x.png")
+    Image.new("RGB", (40, 30), (0, 0, 200)).save(src / "x.jpg", quality=95)
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(src / "y.png")
+    counts = cli.preresize(str(tmp_path / "src"), str(tmp_path / "out"), workers=1)
+    assert counts["written"] == 3
+    out = tmp_path / "out" / "train" / "a"
+    assert sorted(os.listdir(out)) == ["x.jpg.jpg", "x.png.jpg", "y.jpg"]
+    assert np.asarray(Image.open(out / "x.png.jpg"))[15, 20, 0] > 150  # the red PNG
+    assert np.asarray(Image.open(out / "x.jpg.jpg"))[15, 20, 2] > 150  # the blue JPEG
+    (tmp_path / "none" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit) as err:  # not "wrote 0 images" and exit status 0
+        cli.main([str(tmp_path / "none"), "--out", str(tmp_path / "o2")])
+    assert err.value.code == 2
 
 
 def test_randaugment_path_runs_through_the_dataset(image_root, cache_dir):

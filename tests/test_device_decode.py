@@ -53,7 +53,8 @@ def test_device_decoded_batch_equals_the_workers_batch(tmp_path):
     ds.set_epoch(3)
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert len(batch["encoded"]["jpegs"]) == 18 and batch["net_input"]["images"].shape[0] == 3  # the PNGs
-    assert decode_on_device(batch, 32) is False and "encoded" not in batch
+    decode_on_device(batch, 32)
+    assert "encoded" not in batch and "no_image_left" not in batch
     plain = ImageFolderDataset(ds.index, train_transform(32), shuffle=False, seed=1)
     plain.set_epoch(3)
     ref = plain.collater([plain[i] for i in range(len(plain))])
@@ -90,7 +91,8 @@ def test_a_batch_with_nothing_decodable_runs_as_zeros_with_its_gradient_ignored(
     task = task_for(root, tmp_path)
     ds = task.datasets["train"]
     batch = ds.collater([ds[i] for i in range(len(ds))])
-    assert decode_on_device(batch, 32) is True
+    decode_on_device(batch, 32)
+    assert batch["no_image_left"]
     assert batch["bad_images"] == 6 and batch["net_input"]["images"].shape == (6, 3, 32, 32)
     assert not batch["net_input"]["images"].any()
 
@@ -116,9 +118,36 @@ def test_training_with_device_decode_ends_bit_identical_on_a_folder_of_jpegs_and
         assert result.returncode == 0, result.stderr[-3000:]
         log = result.stdout + result.stderr
         assert ("JPEGs are decoded on the training device" in log) == (flag == "true")
+        assert ("prepared on cpu one batch ahead" in log) == (flag == "true")  # the prefetching path
         records = json_records(log, "train_inner")
         runs[flag] = {r["num_updates"]: (r["loss"], r["gnorm"]) for r in records}
         weights[flag] = torch.load(tmp_path / f"run_{flag}" / "checkpoint_last.pt", weights_only=True)["model"]
     # the same batches in the same order, so the same mixup pairs, losses and weights
     assert sorted(runs["true"]) == [1, 2, 3, 4] and runs["true"] == runs["false"]
     assert all(torch.equal(weights["true"][k], weights["false"][k]) for k in weights["false"])
+
+
+def test_the_prefetcher_hands_over_the_batches_decoded_in_order_and_raises_the_threads_errors(tmp_path):
+    from d2v_plugin.data.device_batch import DevicePrefetcher
+
+    root = write_jpeg_folders(tmp_path / "d", extra_png=True)
+    task = task_for(root, tmp_path)
+    ds = task.datasets["train"]
+    batches = [ds.collater([ds[i] for i in range(k, min(k + 5, len(ds)))]) for k in range(0, len(ds), 5)]
+    inline = []
+    for b in batches:
+        b = {**b, "net_input": dict(b["net_input"])}
+        decode_on_device(b, 32)
+        inline.append(b)
+    fetched = list(DevicePrefetcher(iter(batches), task.decode_on_device, "cpu"))
+    assert len(fetched) == len(inline) == 5
+    for a, b in zip(fetched, inline):
+        assert "encoded" not in a and torch.equal(a["id"], b["id"])
+        assert torch.equal(a["net_input"]["images"], b["net_input"]["images"])
+
+    def fails(sample):
+        raise DataError("unreadable image x.jpg")
+
+    it = DevicePrefetcher(iter(batches), fails, "cpu")
+    with pytest.raises(DataError, match="unreadable image x.jpg"):
+        next(it)

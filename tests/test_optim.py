@@ -32,7 +32,8 @@ def model_and_optimizer(name: str, layer_decay: float = 0.5, *overrides, half=No
     return model, optimizer, scheduler
 
 
-def train(name: str, updates: int = 6, clip: float = 0.05, half=None, state=None):
+def train(name: str, updates: int = 6, clip: float = 0.05, half=None, state=None, gaps=None):
+    """``gaps``: update -> names of parameters left without a gradient in it (an unused or frozen part)."""
     model, optimizer, scheduler = model_and_optimizer(name, half=half)
     if state is not None:
         optimizer.load_state_dict(state)
@@ -43,6 +44,8 @@ def train(name: str, updates: int = 6, clip: float = 0.05, half=None, state=None
         loss = torch.nn.functional.cross_entropy(model(images.to(next(model.parameters()).dtype)).float(), target,
                                                  reduction="sum")
         optimizer.backward(loss)
+        for name_ in (gaps or {}).get(update, ()):
+            model.get_parameter(name_).grad = None
         optimizer.clip_grad_norm(clip)  # small enough to clip every update
         optimizer.step()
         optimizer.zero_grad()
@@ -61,6 +64,15 @@ def test_fused_adamw_reaches_the_weights_fairseqs_adam_reaches():
     assert moved > 1e-3  # and the weights really moved
 
 
+def test_a_parameter_without_a_gradient_in_some_updates_steps_as_in_fairseqs_adam():
+    # fairseq's adam counts steps per parameter: one that had no gradient in an update is a step behind
+    gaps = {1: ["head.weight", "fc_norm.bias"], 2: ["head.weight"], 4: ["encoder.blocks.0.attn.qkv.weight"]}
+    ours, _ = train("fused_adamw", gaps=gaps)
+    theirs, _ = train("adam", gaps=gaps)
+    diff = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
+    assert diff < 1e-6, diff
+
+
 def test_without_fairseqs_eps_placement_the_weights_would_differ(monkeypatch):
     # the test above can fail: plain torch AdamW (eps added after the bias correction) ends elsewhere
     from d2v_plugin.optim import fused_adamw
@@ -71,17 +83,22 @@ def test_without_fairseqs_eps_placement_the_weights_would_differ(monkeypatch):
     assert max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters())) > 1e-6
 
 
+def step_counts(optimizer) -> set:
+    return {state["fairseq_step"] for o in optimizer.fp32_optimizer.optimizers.values()
+            for state in o.optimizer.state.values()}
+
+
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_under_fairseqs_fp16_optimizer_it_trains_finitely_and_resumes_exactly(half):
     whole, _ = train("fused_adamw", updates=6, half=half)
     first, opt = train("fused_adamw", updates=3, half=half)
     state = opt.state_dict()  # as fairseq saves it: with the fp32 masters (d2v_plugin.compat)
     assert all(torch.isfinite(p).all() for p in whole.parameters())
-    assert {o.optimizer.param_groups[0]["fairseq_step"] for o in opt.fp32_optimizer.optimizers.values()} == {3}
+    assert step_counts(opt) == {3}  # per parameter, on the host, saved with the optimizer's state
 
     resumed_model, resumed = model_and_optimizer("fused_adamw", half=half)[:2]
     resumed.load_state_dict(state)
-    assert {o.optimizer.param_groups[0]["fairseq_step"] for o in resumed.fp32_optimizer.optimizers.values()} == {3}
+    assert step_counts(resumed) == {3}
     for a, b in zip(resumed.fp32_params, opt.fp32_params):
         assert torch.equal(a, b)
 

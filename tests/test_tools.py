@@ -111,6 +111,13 @@ def test_export_round_trip_gives_the_trainers_logits(runs, tmp_path):
         expected = trainer_model(ckpt)(images)
         got = loaded(images)
     assert (got - expected).abs().max().item() < 1e-6
+    # the recorded interpolation is the one the loaded model preprocesses with
+    assert meta["interpolation"] == "bicubic" == loaded.data_cfg.interpolation
+    (tmp_path / "export" / "config.json").write_text(json.dumps({**meta, "interpolation": "bilinear"}))
+    bilinear = load_classifier(tmp_path / "export")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    assert bilinear.data_cfg.interpolation == "bilinear"
+    assert not torch.equal(bilinear.preprocess(photo), loaded.preprocess(photo))
 
 
 def test_predict_agrees_with_the_logits(runs, tmp_path, capsys):

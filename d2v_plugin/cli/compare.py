@@ -128,7 +128,8 @@ def flops_per_image(model) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    images = torch.zeros(1, 3, model.image_size, model.image_size, device=next(model.parameters()).device)
+    size = model.data_cfg.image_size
+    images = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(images)
     return counter.get_total_flops()
@@ -141,7 +142,7 @@ def inference_speed(model, batch_size: int = 64, batches: int = 3) -> tuple[floa
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    images = torch.randn(batch_size, 3, model.image_size, model.image_size, device=device)
+    images = torch.randn(batch_size, 3, model.data_cfg.image_size, model.data_cfg.image_size, device=device)
     with torch.no_grad():
         model(images)
         if device == "cuda":

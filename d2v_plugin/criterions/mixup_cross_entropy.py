@@ -20,6 +20,7 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
 from d2v_plugin.evaluation import topk_correct
+from d2v_plugin.names import CRITERION_NAME
 
 
 @dataclass
@@ -44,7 +45,7 @@ class MixupCrossEntropyConfig(FairseqDataclass):
     batch_size: Optional[int] = II("dataset.batch_size")
 
 
-@register_criterion("mixup_cross_entropy", dataclass=MixupCrossEntropyConfig)
+@register_criterion(CRITERION_NAME, dataclass=MixupCrossEntropyConfig)
 class MixupCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, cfg: MixupCrossEntropyConfig, task):
         super().__init__(task)

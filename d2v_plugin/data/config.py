@@ -2,7 +2,7 @@
 evaluation, kNN and export all read, as timm's ``resolve_data_config`` is the one source there."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -14,10 +14,7 @@ class DataConfig:
     crop_ratio: float = 0.875  # eval: resize the shorter side to image_size / crop_ratio, centre-crop image_size
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-    interpolation: str = "bicubic"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+    interpolation: str = "bicubic"  # every resize: the training crop, the eval resize, timm's transform
 
 
 def _get(cfg, key):
@@ -29,9 +26,10 @@ def _get(cfg, key):
 def resolve_data_config(task=None, model=None, export=None, **overrides) -> DataConfig:
     """The data config of a run or a model, most specific source first: ``overrides`` (a user's
     command-line choice), ``export`` (an export's config.json), ``model`` (its recorded image_size),
-    ``task`` (the task's image_size and eval_crop_ratio); DataConfig's defaults for the rest."""
+    ``task`` (the task's image_size, eval_crop_ratio and interpolation); DataConfig's defaults for the rest."""
     found = {}
-    for source, names in ((task, {"image_size": "image_size", "crop_ratio": "eval_crop_ratio"}),
+    for source, names in ((task, {"image_size": "image_size", "crop_ratio": "eval_crop_ratio",
+                                  "interpolation": "interpolation"}),
                           (model, {"image_size": "image_size"}),
                           (export, {"image_size": "image_size", "crop_ratio": "eval_crop_ratio", "mean": "mean",
                                     "std": "std", "interpolation": "interpolation"})):

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "folder", "parquet", "wds")
 SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val")}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keys split at the first dot of the member's file name
 NO_LABEL = -1
 
 
@@ -112,6 +112,15 @@ def open_split(root: str, split: str, classes: list[str] | None = None, cache_di
     source = (ParquetSplit if fmt == "parquet" else ShardSplit)(files, split, cache_dir or default_cache_dir())
     source.set_classes(classes)
     return source
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """A tar member's sample key and extension, split at the first dot of the file's own name, as
+    WebDataset does (``train/n01440764.v2/img.cls.jpg`` -> ``train/n01440764.v2/img``, ``cls.jpg``): dots
+    in folder names and the leading ``./`` of ``tar cf shard.tar ./...`` stay in the key."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext
 
 
 def _cache_file(cache_dir: str, kind: str, files: list[str]) -> str:
@@ -278,11 +287,12 @@ class ShardSplit(_ContainerSplit):
                             continue
                         if member.offset_data + member.size > file_size:
                             raise DataError(f"{path}: truncated tar shard (member {member.name} runs past its end)")
-                        key, _, ext = member.name.partition(".")
+                        key, ext = member_key(member.name)
                         entry = samples.setdefault(key, {})
-                        if ("." + ext.lower()) in IMAGE_EXTENSIONS:
+                        kind = ext.lower().rpartition(".")[2]  # WebDataset decodes a field by its last suffix
+                        if ("." + kind) in IMAGE_EXTENSIONS:
                             entry["image"] = (member.offset_data, member.size)
-                        elif ext.lower() == "cls":
+                        elif kind == "cls":
                             entry["cls"] = tar.extractfile(member).read().decode().strip()
             except DataError:
                 raise

@@ -103,7 +103,6 @@ class ImageFolderDataset(FairseqDataset):
         self.seed = seed
         self.epoch = 1
         self.sizes = np.ones(len(index), dtype=np.int64)  # every image is one example
-        self.bad_seen = 0
         self.stop_signals = ()  # set by a training run's task: a data-loading worker leaves them to it
 
     @property
@@ -140,7 +139,6 @@ class ImageFolderDataset(FairseqDataset):
     def _bad(self, i: int, where: str, reason: str) -> dict:
         if self.on_bad_image == "error":
             raise DataError(f"unreadable image {where}: {reason} (task.on_bad_image=skip skips such files)")
-        self.bad_seen += 1  # reported by the consumer of the batch (BadImageReport), once per file
         return {"id": i, "image": None, "target": max(int(self.index.labels[i]), 0), "bad": (where, reason)}
 
     def collater(self, samples: list[dict]) -> dict:

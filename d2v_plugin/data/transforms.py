@@ -31,6 +31,23 @@ from PIL import Image
 from d2v_plugin.data.config import IMAGENET_MEAN, IMAGENET_STD
 from d2v_plugin.data.decode import decode, hwc_tensor, to_rgb
 
+# the data config's interpolation (``task.interpolation``) -> PIL's filter (evaluation, timm's transform)
+# and torch's mode (training crops); torch antialiases bilinear and bicubic when shrinking, as PIL does
+INTERPOLATIONS = {"bicubic": (Image.BICUBIC, "bicubic"), "bilinear": (Image.BILINEAR, "bilinear"),
+                  "nearest": (Image.NEAREST, "nearest")}
+
+
+def interpolation_modes(name: str) -> tuple:
+    """(PIL filter, torch mode) of an interpolation name; an unknown name is an error naming the setting."""
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"task.interpolation={name!r}: use one of {', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
+def _interpolate(images: torch.Tensor, out_h: int, out_w: int, mode: str) -> torch.Tensor:
+    antialias = mode in ("bilinear", "bicubic")
+    return F.interpolate(images, size=(out_h, out_w), mode=mode, antialias=antialias)
+
 
 def sample_crop(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """(left, top, w, h) of a random crop, distributed as torchvision's RandomResizedCrop."""
@@ -55,21 +72,22 @@ def sample_crop(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def resize_crop(image: torch.Tensor, left: int, top: int, w: int, h: int, out_w: int, out_h: int) -> torch.Tensor:
-    """The (left, top, w, h) crop of a uint8 [3, H, W] image resized to out_h x out_w, antialiased bicubic:
-    PIL's filter (a = -0.5, support widened by the scale when shrinking) applied to the cropped image, as
-    torchvision's RandomResizedCrop does on PIL images, in torch's vectorised uint8 kernel (~5x faster
-    than PIL's; pixels agree within rounding)."""
+def resize_crop(image: torch.Tensor, left: int, top: int, w: int, h: int, out_w: int, out_h: int,
+                interpolation: str = "bicubic") -> torch.Tensor:
+    """The (left, top, w, h) crop of a uint8 [3, H, W] image resized to out_h x out_w, antialiased (bicubic
+    by default: PIL's filter, a = -0.5, support widened by the scale when shrinking) applied to the cropped
+    image, as torchvision's RandomResizedCrop does on PIL images, in torch's vectorised uint8 kernel (~5x
+    faster than PIL's; pixels agree within rounding)."""
     crop = image[None, :, top:top + h, left:left + w]
     if crop.device.type == "cpu":
-        return F.interpolate(crop, size=(out_h, out_w), mode="bicubic", antialias=True)[0]
-    return resize_in_float(crop, out_w, out_h)[0]
+        return _interpolate(crop, out_h, out_w, interpolation_modes(interpolation)[1])[0]
+    return resize_in_float(crop, out_w, out_h, interpolation)[0]
 
 
-def resize_in_float(images: torch.Tensor, out_w: int, out_h: int) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> uint8 [N, 3, out_h, out_w], the same antialiased bicubic filter computed in
-    float32 and rounded: what the GPU runs (its kernels resample floating point only)."""
-    out = F.interpolate(images.float(), size=(out_h, out_w), mode="bicubic", antialias=True)
+def resize_in_float(images: torch.Tensor, out_w: int, out_h: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, out_h, out_w], the same antialiased filter computed in float32 and
+    rounded: what the GPU runs (its kernels resample floating point only)."""
+    out = _interpolate(images.float(), out_h, out_w, interpolation_modes(interpolation)[1])
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -90,12 +108,14 @@ def drafted_box(img: Image.Image, box, out_w: int, out_h: int):
 
 
 class RandomResizedCropFlip:
-    """RandomResizedCrop(size, scale, bicubic) + horizontal flip, drawn from the image's seed."""
+    """RandomResizedCrop(size, scale, interpolation) + horizontal flip, drawn from the image's seed."""
 
     def __init__(self, size: int = 224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5,
-                 fast_decode: bool = False):
+                 fast_decode: bool = False, interpolation: str = "bicubic"):
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
         self.fast_decode = fast_decode
+        interpolation_modes(interpolation)
+        self.interpolation = interpolation
 
     def draw(self, img: Image.Image, seed):
         """The crop box (left, top, w, h) and the flip, from the header's size alone. ``seed``: the
@@ -108,15 +128,17 @@ class RandomResizedCropFlip:
         box, flip = self.draw(img, seed)
         reduced = drafted_box(img, box, self.size, self.size) if self.fast_decode else None
         image = decode(img, data) if reduced is None else hwc_tensor(to_rgb(img))  # PIL decodes drafted
-        out = resize_crop(image, *(reduced or box), self.size, self.size)
+        out = resize_crop(image, *(reduced or box), self.size, self.size, self.interpolation)
         return (out.flip(-1) if flip else out).contiguous()
 
 
 class ResizeCenterCrop:
-    """Resize the shorter side to int(size / crop_ratio) (bicubic), then the centre size x size."""
+    """Resize the shorter side to int(size / crop_ratio) (bicubic by default), then the centre size x size."""
 
-    def __init__(self, size: int = 224, crop_ratio: float = 0.875, fast_decode: bool = False):
+    def __init__(self, size: int = 224, crop_ratio: float = 0.875, fast_decode: bool = False,
+                 interpolation: str = "bicubic"):
         self.size, self.crop_ratio, self.fast_decode = size, crop_ratio, fast_decode
+        self.filter = interpolation_modes(interpolation)[0]
 
     def __call__(self, img: Image.Image, seed=None, data: bytes | None = None) -> torch.Tensor:
         """Deterministic: ``seed`` and ``data`` are there for the common call; PIL decodes the image."""
@@ -127,7 +149,7 @@ class ResizeCenterCrop:
         if self.fast_decode and img.format == "JPEG":
             img.draft("RGB", (new_w, new_h))  # the largest DCT scaling that keeps the image >= new size
         # PIL's resize, exactly what data2vec's and timm's evaluation transforms compute
-        resized = to_rgb(img).resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0 if self.fast_decode else None)
+        resized = to_rgb(img).resize((new_w, new_h), self.filter, reducing_gap=3.0 if self.fast_decode else None)
         left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
         return hwc_tensor(resized.crop((left, top, left + self.size, top + self.size))).contiguous()
 
@@ -174,10 +196,12 @@ class TimmTransform:
 
 
 def train_transform(image_size: int = 224, scale=(0.08, 1.0), auto_augment: str | None = None,
-                    random_erasing: float = 0.0, fast_decode: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """RandomResizedCrop(bicubic) + horizontal flip: the augmentation the student was pretrained with.
+                    random_erasing: float = 0.0, fast_decode: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    interpolation: str = "bicubic"):
+    """RandomResizedCrop + horizontal flip: the augmentation the student was pretrained with (bicubic).
     ``auto_augment`` / ``random_erasing`` switch to timm's ImageNet train transform (RandAugment, random
     erasing, normalised with ``mean`` / ``std``), which data2vec's own fine-tuning uses."""
+    interpolation_modes(interpolation)
     if auto_augment or random_erasing:
         from timm.data import create_transform
 
@@ -186,11 +210,17 @@ def train_transform(image_size: int = 224, scale=(0.08, 1.0), auto_augment: str 
         compat.install_timm_posterize_fix()
         return TimmTransform(create_transform(
             input_size=image_size, is_training=True, scale=tuple(scale), auto_augment=auto_augment,
-            interpolation="bicubic", re_prob=random_erasing, re_mode="pixel", re_count=1, mean=mean, std=std,
+            interpolation=interpolation, re_prob=random_erasing, re_mode="pixel", re_count=1, mean=mean, std=std,
         ), image_size)
-    return RandomResizedCropFlip(image_size, scale, fast_decode=fast_decode)
+    return RandomResizedCropFlip(image_size, scale, fast_decode=fast_decode, interpolation=interpolation)
 
 
-def eval_transform(image_size: int = 224, crop_ratio: float = 0.875, fast_decode: bool = False):
-    """Resize the shorter side to image_size / crop_ratio (bicubic), centre-crop image_size."""
-    return ResizeCenterCrop(image_size, crop_ratio, fast_decode)
+def eval_transform(image_size: int = 224, crop_ratio: float = 0.875, fast_decode: bool = False,
+                   interpolation: str = "bicubic"):
+    """Resize the shorter side to image_size / crop_ratio (bicubic by default), centre-crop image_size."""
+    return ResizeCenterCrop(image_size, crop_ratio, fast_decode, interpolation)
+
+
+def data_eval_transform(data_cfg, fast_decode: bool = False):
+    """The eval transform a data config describes (size, crop ratio, interpolation)."""
+    return eval_transform(data_cfg.image_size, data_cfg.crop_ratio, fast_decode, data_cfg.interpolation)

@@ -123,6 +123,12 @@ def record_architecture(cfg, enc_cfg: EncoderConfig) -> None:
 
 @register_model(MODEL_NAME, dataclass=Data2Vec2ClassifierConfig)
 class Data2Vec2ImageClassifier(BaseFairseqModel):
+    # what d2v_plugin.load_classifier gives a model it loads (d2v_plugin/inference.py): the class names in
+    # label order, the data config it was trained with, its eval transform (PIL image -> normalised input)
+    classes: list = []
+    data_cfg = None
+    preprocess = None
+
     def __init__(self, cfg: Data2Vec2ClassifierConfig, encoder: Data2Vec2ImageEncoder):
         super().__init__()
         if cfg.pooling not in POOLING_MODES:

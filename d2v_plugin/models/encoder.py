@@ -152,10 +152,6 @@ class Data2Vec2ImageEncoder(nn.Module):
         )
         self.init_weights()
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid * self.grid
-
     def init_weights(self) -> None:
         """Random init for training from scratch (BERT-style, as data2vec's ``init_bert_params``)."""
         for m in self.modules():

@@ -43,25 +43,45 @@ class FusedAdamWConfig(FairseqDataclass):
 
 
 class FairseqEpsAdamW(torch.optim.AdamW):
-    """torch's AdamW with fairseq's eps placement: each step, per group, ``eps = base_eps / sqrt(1 -
-    beta2^t)``. The step count ``t`` is the group's (every parameter of a group steps together, as in
-    training, where each trainable parameter has a gradient each update); it is saved with the
-    optimizer's state, so a resume continues the same sequence."""
+    """torch's AdamW with fairseq's eps placement: each step, ``eps = base_eps / sqrt(1 - beta2^t)`` with
+    ``t`` the parameter's own step count, as fairseq's adam counts them (a parameter without a gradient
+    in an update does not step, and is a step behind from then on). The counts are kept on the host
+    (``fairseq_step`` in each parameter's state, saved with it) so that reading them costs no device
+    synchronisation; the parameters of a group that share a count step in one fused launch (all of
+    them, in training, where every trainable parameter has a gradient every update)."""
 
     def __init__(self, params, eps: float = 1e-8, **kwargs):
         super().__init__(params, eps=eps, **kwargs)
         for group in self.param_groups:
             group.setdefault("base_eps", group["eps"])
-            group.setdefault("fairseq_step", 0)
+
+    def _step_count(self, p) -> int:
+        state = self.state[p]  # (written only by torch's step first: it initialises an empty state)
+        if "fairseq_step" in state:
+            return state["fairseq_step"]
+        return int(state["step"]) if "step" in state else 0  # a state saved before the counts were kept here
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            if any(p.grad is not None for p in group["params"]):
-                group["fairseq_step"] += 1
-                beta2 = group["betas"][1]
-                group["eps"] = group["base_eps"] / math.sqrt(1.0 - beta2 ** group["fairseq_step"])
-        return super().step(closure)
+        groups, split, steps = self.param_groups, [], []
+        for group in groups:
+            by_step: dict = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_step.setdefault(self._step_count(p) + 1, []).append(p)
+            beta2 = group["betas"][1]
+            for t, params in by_step.items():
+                split.append({**group, "params": params, "eps": group["base_eps"] / math.sqrt(1.0 - beta2 ** t)})
+                steps.append(t)
+        self.param_groups = split  # what torch's step iterates over; the groups themselves are untouched
+        try:
+            loss = super().step(closure)
+        finally:
+            self.param_groups = groups
+        for part, t in zip(split, steps):
+            for p in part["params"]:
+                self.state[p]["fairseq_step"] = t
+        return loss
 
 
 def _fused_available(params) -> bool:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
 from fairseq import metrics, utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
@@ -14,12 +15,14 @@ from omegaconf import II, MISSING, OmegaConf, open_dict
 from d2v_plugin import compat
 from d2v_plugin.cluster import (MicroBatchPlaces, ResumableEpochBatchIterator, StopRequest, micro_batch_seed,
                                 parse_signals)
-from d2v_plugin.data import DataError, ImageFolderDataset, eval_transform, resolve_data_config, train_transform
+from d2v_plugin.data import DataError, ImageFolderDataset, resolve_data_config, train_transform
 from d2v_plugin.data.containers import open_split
 from d2v_plugin.data.dataset import BadImageReport, tag_batches_with_epoch
-from d2v_plugin.data.device_batch import to_model_input
+from d2v_plugin.data.device_batch import DevicePrefetcher, decode_on_device, to_model_input
+from d2v_plugin.data.transforms import data_eval_transform, interpolation_modes
 from d2v_plugin.models.checkpoints import load_file
 from d2v_plugin.models.classifier import record_architecture
+from d2v_plugin.names import TASK_NAME
 from d2v_plugin.training import (build_config_for_resume, checkpoint_fairseq_restores, check_precision,
                                  resolve_update_freq, run_config)
 
@@ -43,6 +46,11 @@ class ImageFolderClassificationConfig(FairseqDataclass):
     )
     eval_crop_ratio: float = field(
         default=0.875, metadata={"help": "eval: resize the shorter side to image_size / ratio, centre-crop image_size"}
+    )
+    interpolation: str = field(
+        default="bicubic",
+        metadata={"help": "resampling of every resize: the training crop, the eval resize, timm's transform "
+                          "(bicubic, as data2vec; bilinear; nearest); recorded for evaluate and export"},
     )
     auto_augment: Optional[str] = field(
         default=None, metadata={"help": "timm RandAugment policy for training (data2vec's fine-tuning: "
@@ -94,7 +102,7 @@ class ImageFolderClassificationConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
-@register_task("image_folder_classification", dataclass=ImageFolderClassificationConfig)
+@register_task(TASK_NAME, dataclass=ImageFolderClassificationConfig)
 class ImageFolderClassificationTask(FairseqTask):
     cfg: ImageFolderClassificationConfig
 
@@ -117,6 +125,7 @@ class ImageFolderClassificationTask(FairseqTask):
             raise DataError(f"task.data={cfg.data} does not exist or is not a folder")
         if cfg.on_bad_image not in ("skip", "error"):
             raise DataError(f"task.on_bad_image={cfg.on_bad_image!r}: use skip or error")
+        interpolation_modes(cfg.interpolation)
         if cfg.device_decode and (cfg.auto_augment or cfg.random_erasing):
             raise DataError("task.device_decode=true works with the plugin's augmentation only: unset "
                             "task.auto_augment and task.random_erasing (timm's transform decodes in the workers)")
@@ -141,11 +150,11 @@ class ImageFolderClassificationTask(FairseqTask):
         if is_train:
             transform = train_transform(self.cfg.image_size, self.cfg.train_crop_scale, self.cfg.auto_augment,
                                         self.cfg.random_erasing, self.cfg.fast_decode, self.data_cfg.mean,
-                                        self.data_cfg.std)
+                                        self.data_cfg.std, self.data_cfg.interpolation)
         else:
             # no fast_decode here: validation computes exactly what cli.evaluate reports for the checkpoint,
             # so the best checkpoint is picked on the pixels it is evaluated on
-            transform = eval_transform(self.data_cfg.image_size, self.data_cfg.crop_ratio)
+            transform = data_eval_transform(self.data_cfg)
         self.datasets[split] = ImageFolderDataset(index, transform, self.cfg.on_bad_image, shuffle=is_train,
                                                   seed=self.cfg.seed, device_decode=is_train and self.cfg.device_decode)
         # On resume fairseq starts prefetching the fast-forwarded epoch before it calls set_epoch:
@@ -218,7 +227,25 @@ class ImageFolderClassificationTask(FairseqTask):
             epoch_iter._frozen_batches = None  # rebuild_batches=false: fairseq froze untagged batches already
         if is_train:  # its saved position says on how many ranks it was counted (resume on another number)
             ResumableEpochBatchIterator.adopt(epoch_iter, kwargs.get("max_sentences"))
+            if dataset.device_decode and isinstance(epoch_iter, ResumableEpochBatchIterator):
+                # batch k + 1 is copied to the device and decoded there while batch k trains
+                device = self.training_device()
+                logger.info(f"train: batches are copied and their JPEGs decoded, prepared on {device} one batch "
+                            f"ahead of the training step (task.device_decode)")
+                epoch_iter.batches_through = lambda batches: DevicePrefetcher(batches, self.decode_on_device, device)
         return epoch_iter
+
+    def training_device(self) -> torch.device:
+        """The device fairseq trains on in this process (it has set the current CUDA device by now)."""
+        cpu = getattr(getattr(self, "run", None), "common", None) is not None and self.run.common.cpu
+        if cpu or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def decode_on_device(self, sample: dict) -> dict:
+        """A training batch on its device with its encoded JPEGs decoded there (task.device_decode)."""
+        decode_on_device(sample, self.cfg.image_size, self.cfg.on_bad_image, self.data_cfg.interpolation)
+        return sample
 
     def start_stopping_on_signals(self) -> None:
         """A training run starts: from now on the configured signals stop it to be resumed (cluster.py)."""
