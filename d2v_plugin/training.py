@@ -128,7 +128,7 @@ def build_config_for_resume(cfg, checkpoint_path: str | None, saved: dict | None
     ``checkpoint_path=None``: ``cfg`` itself is a saved config (fairseq rebuilding a saved model).
     ``saved``: the checkpoint already read (else it is read here). Settings given explicitly that
     differ from the checkpoint's are an error naming the folder."""
-    from d2v_plugin.models.checkpoints import CheckpointError, load_file
+    from d2v_plugin.models.checkpoints import CheckpointError, PluginTrained, load_file
     from d2v_plugin.models.classifier import MODEL_NAME, RESOLVED_FIELDS
 
     if checkpoint_path is None:
@@ -136,13 +136,21 @@ def build_config_for_resume(cfg, checkpoint_path: str | None, saved: dict | None
             return cfg  # not a config this plugin recorded: build it as given
         return _with(cfg, pretrained_checkpoint=None)
     saved = load_file(checkpoint_path, mmap=True) if saved is None else saved
-    saved_cfg = saved.get("cfg") or {}
-    model = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
-    if not isinstance(model, dict) or model.get("_name") != MODEL_NAME:
+    reader = PluginTrained()
+    if not reader.detect(saved):
+        model = (saved.get("cfg") or {}).get("model") if isinstance(saved.get("cfg"), dict) else None
         name = model.get("_name") if isinstance(model, dict) else None
         raise CheckpointError(
             f"{checkpoint_path} is not a {MODEL_NAME} run (model {name!r}): fairseq would resume from it; "
             f"train into another checkpoint.save_dir")
+    # the architecture as the file's tensors have it (bounded, checked against its config below)
+    arch = reader.read(saved, checkpoint_path, None, None).architecture
+    model = saved["cfg"]["model"]
+    recorded = {k: getattr(arch, k) for k in RESOLVED_FIELDS}
+    claimed = [f"model.{k}={model.get(k)} in its config, {v} in its weights" for k, v in recorded.items()
+               if model.get(k) is not None and model.get(k) != v]
+    if claimed:
+        raise CheckpointError(f"{checkpoint_path}: its config and its weights disagree ({'; '.join(claimed)})")
     wrong = [f"model.{k}={getattr(cfg, k)} here, {model.get(k)} there"
              for k in (*RESOLVED_FIELDS, "num_classes", "pooling")
              if getattr(cfg, k, None) is not None and model.get(k) is not None and getattr(cfg, k) != model.get(k)]
@@ -150,4 +158,4 @@ def build_config_for_resume(cfg, checkpoint_path: str | None, saved: dict | None
         raise CheckpointError(
             f"{checkpoint_path} holds a run of another model ({'; '.join(wrong)}), and fairseq resumes from it: "
             f"train into another checkpoint.save_dir, or move that run away")
-    return _with(cfg, pretrained_checkpoint=None, **{k: model.get(k) for k in RESOLVED_FIELDS})
+    return _with(cfg, pretrained_checkpoint=None, **recorded)

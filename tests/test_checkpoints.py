@@ -6,6 +6,7 @@ import torch
 
 from conftest import Calls, tiny_encoder
 from d2v_plugin.models.checkpoints import CheckpointError, read_encoder_checkpoint, to_data2vec_names
+from d2v_plugin.models.safe_load import load_file
 from d2v_plugin.names import COMPACT_FORMAT
 from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
@@ -183,20 +184,37 @@ def test_trust_checkpoint_allows_full_unpickling(tmp_path, encoder):
     assert marker.exists()  # the user said they trust it: it ran, which is why it is off by default
 
 
-def test_names_outside_the_allow_list_are_stand_ins_never_imported_or_called(tmp_path, encoder):
+def test_classes_of_code_not_installed_are_stand_ins_and_installed_ones_outside_the_list_are_refused(tmp_path,
+                                                                                                     encoder):
+    import dataclasses
     import sys
     import timeit
 
-    marker = tmp_path / "ran"
-    path = tmp_path / "odd.ckpt"
     student = {f"model.{k}": v for k, v in to_data2vec_names(encoder.state_dict(), 2).items()}
-    # loading would run code through a module no deny-list names
-    torch.save({"state_dict": student, "hyper_parameters": {"x": Calls(timeit.timeit, f"open({str(marker)!r}, 'w')")}},
-               path)
-    sys.modules.pop("timeit", None)
-    cfg, state = read_encoder_checkpoint(str(path), given={"num_heads": 4})
+    # the training code's config class, as a Lightning run pickles it; this machine has no such module
+    module = type(sys)("thesis_code.config")
+    module.RunConfig = dataclasses.make_dataclass("RunConfig", [("depth", int)])
+    module.RunConfig.__module__ = "thesis_code.config"
+    package = type(sys)("thesis_code")
+    package.config = module
+    sys.modules.update({"thesis_code": package, "thesis_code.config": module})
+    try:
+        torch.save({"state_dict": student, "hyper_parameters": {"cfg": module.RunConfig(depth=4)}},
+                   tmp_path / "ok.ckpt")
+    finally:
+        del sys.modules["thesis_code"], sys.modules["thesis_code.config"]
+    cfg, state = read_encoder_checkpoint(str(tmp_path / "ok.ckpt"), given={"num_heads": 4})
     assert same_tensors(state, encoder.state_dict())
-    assert not marker.exists() and "timeit" not in sys.modules  # never imported, never called
+    stood_in = load_file(tmp_path / "ok.ckpt")["hyper_parameters"]["cfg"]
+    assert type(stood_in).qualname == "thesis_code.config.RunConfig" and stood_in.state == {"depth": 4}  # inert data
+    # an installed module a checkpoint has no reason to name: refused, never imported, never called
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": student, "hyper_parameters": {"x": Calls(timeit.timeit, f"open({str(marker)!r}, 'w')")}},
+               tmp_path / "odd.ckpt")
+    sys.modules.pop("timeit", None)
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle objects the file asks for \(timeit.timeit\)"):
+        read_encoder_checkpoint(str(tmp_path / "odd.ckpt"), given={"num_heads": 4})
+    assert not marker.exists() and "timeit" not in sys.modules
 
 
 def test_modules_that_run_code_are_refused_outright(tmp_path, encoder):

@@ -19,7 +19,13 @@ def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_
     from d2v_plugin.inference import load_classifier
     from d2v_plugin.names import EXPORT_FORMAT, MODEL_NAME
 
+    from d2v_plugin.models.checkpoints import CheckpointError, non_finite
+
     model = load_classifier(checkpoint, trust=trust, num_heads=num_heads, norm_eps=norm_eps)
+    bad = non_finite(model.state_dict())
+    if bad:
+        names = ", ".join(k.removeprefix("encoder.") for k in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise CheckpointError(f"{checkpoint}: {len(bad)} tensors hold NaN or inf values: {names}; not exported")
     os.makedirs(out, exist_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "version": 1, "model": MODEL_NAME,

@@ -28,20 +28,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from d2v_plugin.data.config import IMAGENET_MEAN, IMAGENET_STD
+from d2v_plugin.data.config import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from d2v_plugin.data.decode import decode, hwc_tensor, to_rgb
 
 # the data config's interpolation (``task.interpolation``) -> PIL's filter (evaluation, timm's transform)
 # and torch's mode (training crops); torch antialiases bilinear and bicubic when shrinking, as PIL does
-INTERPOLATIONS = {"bicubic": (Image.BICUBIC, "bicubic"), "bilinear": (Image.BILINEAR, "bilinear"),
-                  "nearest": (Image.NEAREST, "nearest")}
+MODES = {"bicubic": (Image.BICUBIC, "bicubic"), "bilinear": (Image.BILINEAR, "bilinear"),
+         "nearest": (Image.NEAREST, "nearest")}
+assert set(MODES) == set(INTERPOLATIONS)
 
 
 def interpolation_modes(name: str) -> tuple:
     """(PIL filter, torch mode) of an interpolation name; an unknown name is an error naming the setting."""
-    if name not in INTERPOLATIONS:
+    if name not in MODES:
         raise ValueError(f"task.interpolation={name!r}: use one of {', '.join(INTERPOLATIONS)}")
-    return INTERPOLATIONS[name]
+    return MODES[name]
 
 
 def _interpolate(images: torch.Tensor, out_h: int, out_w: int, mode: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import OmegaConf, open_dict
 
+from d2v_plugin.models.architecture import check_architecture
 from d2v_plugin.models.encoder import POOLING_MODES, Data2Vec2ImageEncoder, EncoderConfig, pool
 from d2v_plugin.models.param_groups import param_groups_lrd, tag_for_composite
 from d2v_plugin.models.safe_load import CheckpointError
@@ -109,8 +110,18 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
     training["prenet_depth"] = training["prenet_depth"] or 0
     enc_cfg = EncoderConfig(**explicit, depth=cfg.depth or EncoderConfig.depth,
                             image_size=image_size or EncoderConfig.image_size, **training)
+    check_architecture(enc_cfg, "the model config")
     logger.info(f"randomly initialised encoder: {enc_cfg}")
     return Data2Vec2ImageEncoder(enc_cfg)
+
+
+def head_config(model_cfg: dict, source: str) -> dict:
+    """The classifier's settings besides its size that a file records (``pooling``), checked: they come
+    from outside."""
+    pooling = model_cfg.get("pooling") or "mean"
+    if pooling not in POOLING_MODES:
+        raise CheckpointError(f"{source}: pooling {str(pooling)[:40]!r} is not one of {', '.join(POOLING_MODES)}")
+    return {"pooling": pooling}
 
 
 def record_architecture(cfg, enc_cfg: EncoderConfig) -> None:

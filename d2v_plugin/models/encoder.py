@@ -9,7 +9,7 @@ live in one list, prenet blocks first, and ``depth=N`` keeps the first N.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -17,27 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
-
-@dataclass
-class EncoderConfig:
-    """Architecture of the encoder; the defaults are data2vec 2.0 base (ViT-B/16)."""
-
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    patch_size: int = 16
-    image_size: int = 224
-    in_chans: int = 3
-    norm_eps: float = 1e-6
-    drop_path_rate: float = 0.0
-    # how many of the first blocks sat in data2vec's prenet (its image context encoder) in the
-    # checkpoint: the same computation either way, but data2vec's drop-path schedule treats them apart
-    prenet_depth: int = 0
-    drop_path_schedule: str = "linear"  # see drop_path_rates
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from d2v_plugin.models.architecture import EncoderConfig  # noqa: F401  (the encoder's config, importable from here)
+from d2v_plugin.models.checkpoints import build_and_load, encoder_part, read_checkpoint
 
 
 DROP_PATH_SCHEDULES = ("linear", "data2vec")
@@ -56,7 +37,7 @@ def drop_path_rates(rate: float, depth: int, prenet_depth: int = 0, schedule: st
     if schedule not in DROP_PATH_SCHEDULES:
         raise ValueError(f"model.drop_path_schedule={schedule!r}: use one of {', '.join(DROP_PATH_SCHEDULES)}")
     if schedule == "linear":
-        return torch.linspace(0, rate, depth).tolist() if depth else []
+        return torch.linspace(0, rate, depth, device="cpu").tolist() if depth else []  # (also under a meta device)
     main = depth - prenet_depth
     if prenet_depth == 0:
         return np.linspace(0, rate, main).tolist()
@@ -169,21 +150,17 @@ class Data2Vec2ImageEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, depth: int | None = None, image_size: int | None = None,
                         trust: bool = False, prefix: str | None = None, given: dict | None = None,
-                        **overrides) -> "Data2Vec2ImageEncoder":
+                        depth_setting: str = "model.depth", **overrides) -> "Data2Vec2ImageEncoder":
         """The encoder of any checkpoint layout users have (models/checkpoints.py), its architecture
         read from the file: ``depth=N`` keeps the first N blocks (how a student is initialised from
         its teacher), ``image_size`` resamples the positions, ``given`` fills what the file does not
         record (``num_heads``, ``norm_eps``); ``overrides`` set the training-only fields
-        (``drop_path_rate``, ``drop_path_schedule``, ``prenet_depth``). Loaded strictly, every bad key named."""
-        from dataclasses import replace
-
-        from d2v_plugin.models.checkpoints import read_encoder_checkpoint, strict_load
-
-        cfg, state = read_encoder_checkpoint(path, depth=depth, trust=trust, prefix=prefix, given=given,
-                                             image_size=image_size)
-        encoder = cls(replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
-        strict_load(encoder, state, path, what="the encoder")
-        return encoder
+        (``drop_path_rate``, ``drop_path_schedule``, ``prenet_depth``). Checked against the file's
+        tensors before it is built, loaded strictly, every bad key named."""
+        ckpt = read_checkpoint(path, trust=trust, prefix=prefix, given=given)
+        cfg, state = encoder_part(ckpt, depth, image_size, depth_setting)
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        return build_and_load(lambda: cls(cfg), state, path, what="the encoder")
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept out of weight decay besides the 1-D ones (norms, biases), as timm declares it."""
