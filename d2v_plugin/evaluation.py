@@ -32,6 +32,6 @@ def eval_batches(index, data_cfg, batch_size: int = 64, workers: int = 0, desc: 
     report_bad_images = BadImageReport()
     for batch in tqdm(loader, desc=desc, file=sys.stderr, unit="batch"):
         report_bad_images(batch)
-        if batch:
-            to_model_input(batch, data_cfg)
-            yield batch["net_input"]["images"], batch["target"]
+        if to_model_input(batch, data_cfg):
+            continue  # no readable image in it: nothing to count
+        yield batch["net_input"]["images"], batch["target"]

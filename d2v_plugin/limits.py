@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 @dataclass(frozen=True)
 class Limits:
     # images and their files
-    max_image_pixels: int = 2**27  # decoded width x height, and the size of any resize of it (134M pixels)
+    max_image_pixels: int = 89_478_485  # decoded width x height and any resize of it (PIL's own MAX_IMAGE_PIXELS)
     max_aspect_ratio: float = 100.0  # the longer side over the shorter one
     max_file_bytes: int = 2**30  # one image file, Parquet cell or tar member
     max_label_bytes: int = 32  # a tar shard's .cls member

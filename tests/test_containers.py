@@ -150,8 +150,9 @@ def test_a_truncated_shard_or_an_unreadable_parquet_file_stops_at_start_naming_i
     cut.mkdir()
     data = (digits["wds"] / shards[0]).read_bytes()
     (cut / "train-000000.tar").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"train-000000.tar: (truncated tar shard|not a readable tar shard)"):
-        open_split(str(cut), "train", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"train-000000.tar: member .* at byte [\d,]+ runs past the shard's end "
+                                        r".*it was cut short"):
+        open_split(str(cut), "train", cache_dir=str(tmp_path / "c"), on_bad_image="error")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "train-0.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"train-0.parquet: not a readable Parquet file"):
@@ -206,3 +207,112 @@ def test_the_commands_take_containers(digits, tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 3 and ".tar:" in lines[0]["image"] and len(lines[0]["top"]) == 5
     sys.stdout.flush()
+
+
+def forty_samples(path, good):
+    bad_shard(path, [m for i in range(40) for m in ((f"s{i:02d}.jpg", good), (f"s{i:02d}.cls", str(i % 3).encode()))])
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name: m.offset for m in tar}
+
+
+def test_a_corrupt_tar_header_or_a_cut_is_never_silent(digits, tmp_path, caplog):
+    good = open_split(str(digits["folder"]), "train", cache_dir=digits["cache"]).read(0)
+    root = tmp_path / "broken"
+    root.mkdir()
+    shard = root / "train-000000.tar"
+    offsets = forty_samples(shard, good)
+    clean = shard.read_bytes()
+    data = bytearray(clean)
+    header = offsets["s09.jpg"]
+    data[header + 148] ^= 0x11  # member 19 of 80 (sample 9's image): its header checksum no longer adds up
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"train-000000.tar: reading stopped at byte {header:,} of [\d,]+: the tar "
+                                        rf"header there is corrupt"):
+        open_split(str(root), "train", cache_dir=str(tmp_path / "c"), on_bad_image="error")
+    with caplog.at_level("WARNING"):
+        split = open_split(str(root), "train", cache_dir=str(tmp_path / "c"), on_bad_image="skip")
+    assert "the tar header there is corrupt" in caplog.text and "1 samples of the shard lost their image or label" \
+        in caplog.text
+    assert len(split) == 39 and "s09" not in list(split.keys)  # all the others, read past the damage
+    # cut at 70% of its length, and cut exactly after a member: both reported
+    for cut, expected in ((int(len(clean) * 0.7), "runs past the shard's end"),
+                          (offsets["s20.jpg"], "without tar's end-of-archive marker: it was cut short")):
+        shard.write_bytes(clean[:cut])
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            split = open_split(str(root), "train", cache_dir=str(tmp_path / "c2"), on_bad_image="skip")
+        assert expected in caplog.text and len(split) < 40
+
+
+def test_random_header_damage_is_reported_or_harmless(digits, tmp_path, caplog):
+    import random
+
+    good = open_split(str(digits["folder"]), "train", cache_dir=digits["cache"]).read(0)
+    root = tmp_path / "flips"
+    root.mkdir()
+    clean = root / "clean.tar"
+    offsets = sorted(forty_samples(clean, good).values())
+    rng = random.Random(0)
+    for trial in range(20):
+        data = bytearray(clean.read_bytes())
+        header = rng.choice(offsets[1:])  # not the first header: a shard that does not open at all is an error
+        data[header + rng.randrange(0, 500)] ^= 1 << rng.randrange(8)
+        (root / "train-000000.tar").write_bytes(bytes(data))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            try:
+                split = open_split(str(root), "train", cache_dir=str(tmp_path / f"c{trial}"), on_bad_image="skip")
+            except DataError:
+                continue  # named
+        assert len(split) == 40 or "train-000000.tar" in caplog.text, trial  # never fewer samples silently
+
+
+def test_duplicate_keys_and_labels_that_are_not_class_indices(digits, tmp_path, caplog):
+    good = open_split(str(digits["folder"]), "train", cache_dir=digits["cache"]).read(0)
+    root = tmp_path / "labels"
+    root.mkdir()
+    bad_shard(root / "train-000000.tar", [
+        ("a.jpg", good), ("a.cls", b"1"), ("a.jpg", good), ("sup.jpg", good), ("sup.cls", "²".encode()),
+        ("long.jpg", good), ("long.cls", b"1" * 25), ("huge.jpg", good), ("huge.cls", b"7" * 5000),
+        ("neg.jpg", good), ("neg.cls", b"-1"), ("ok.jpg", good), ("ok.cls", b"2")])
+    with caplog.at_level("WARNING"):
+        split = open_split(str(root), "train", cache_dir=str(tmp_path / "c"))
+    assert "duplicate key a: a second image a.jpg" in caplog.text
+    assert list(split.keys) == ["a", "sup", "long", "huge", "neg", "ok"] and split.classes == ["0", "1", "2"]
+    ds = ImageFolderDataset(split, train_transform(16), seed=1)
+    batch = ds.collater([ds[i] for i in range(len(split))])
+    assert batch["id"].tolist() == [0, 5] and batch["bad_images"] == 4
+    assert all("its label is not a class index" in reason for _, reason in batch["bad_files"])
+    with pytest.raises(DataError, match="duplicate key a"):
+        open_split(str(root), "train", cache_dir=str(tmp_path / "c"), on_bad_image="error")
+
+
+def test_parquet_columns_of_other_types_are_named_and_fractional_labels_are_bad_records(digits, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = open_split(str(digits["folder"]), "train", cache_dir=digits["cache"]).read(0)
+    for name, image in (("string", pa.array(["not bytes"])), ("int", pa.array([3])),
+                        ("bytes as string", pa.array([good.decode("latin1")]))):
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        pq.write_table(pa.table({"image": image, "label": pa.array([0])}), folder / "train-0.parquet")
+        with pytest.raises(DataError, match=r"train-0.parquet: its 'image' column holds (string|int64), not encoded "
+                                            r"image bytes"):
+            open_split(str(folder), "train", cache_dir=str(tmp_path / "c"))
+    folder = tmp_path / "floats"
+    folder.mkdir()
+    pq.write_table(pa.table({"image": pa.array([good] * 4, pa.binary()),
+                             "label": pa.array([0.7, 1.0, float("nan"), -2.0])}), folder / "train-0.parquet")
+    split = open_split(str(folder), "train", cache_dir=str(tmp_path / "c"))
+    assert split.labels.tolist() == [-2, 1, -1, -2]  # 0.7 is not class 0; 1.0 is class 1
+    ds = ImageFolderDataset(split, train_transform(16), seed=1)
+    batch = ds.collater([ds[i] for i in range(4)])
+    assert batch["id"].tolist() == [1] and batch["bad_images"] == 3
+    (tmp_path / "text").mkdir()
+    pq.write_table(pa.table({"image": pa.array([good], pa.binary()), "label": pa.array(["cat"])}),
+                   tmp_path / "text" / "train-0.parquet")
+    with pytest.raises(DataError, match=r"its 'label' column holds string, not class indices"):
+        open_split(str(tmp_path / "text"), "train", cache_dir=str(tmp_path / "c"))

@@ -283,14 +283,14 @@ def test_jpeg_with_exif_rotation_is_decoded_unrotated_like_pil(tmp_path):
     assert out.shape == (3, 400, 600)
 
 
-def test_truncated_jpeg_is_an_os_error_from_either_decoder(tmp_path):
-    from d2v_plugin.data.decode import decode
+def test_a_truncated_jpeg_is_unreadable_from_either_decoder(tmp_path):
+    from d2v_plugin.data.decode import UnreadableImage, decode
 
     photos()["coffee"].save(tmp_path / "a.jpg", quality=90)
     data = (tmp_path / "a.jpg").read_bytes()[:20000]
     (tmp_path / "t.jpg").write_bytes(data)
     for given in (data, None):
-        with Image.open(tmp_path / "t.jpg") as img, pytest.raises(OSError, match="truncated"):
+        with Image.open(tmp_path / "t.jpg") as img, pytest.raises(UnreadableImage, match="^[Ii]mage .*truncated"):
             decode(img, given)
 
 
@@ -324,14 +324,29 @@ def test_dataset_stops_naming_the_file_when_asked(tmp_path, cache_dir):
         ds[bad]
 
 
-def test_a_batch_of_only_bad_images_collates_to_an_empty_sample(tmp_path, cache_dir):
+def test_a_batch_of_only_bad_images_is_a_placeholder_that_counts_nothing_and_carries_its_failures(tmp_path,
+                                                                                                   cache_dir):
+    from d2v_plugin.criterions.mixup_cross_entropy import MixupCrossEntropyConfig, MixupCrossEntropyCriterion
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+
     folder = tmp_path / "d" / "train" / "a"
     folder.mkdir(parents=True)
     write_bad_files(folder)
     index = index_split(str(tmp_path / "d"), "train", cache_dir=cache_dir)
     ds = ImageFolderDataset(index, eval_transform(16, 1.0), shuffle=False)
     bad = [index.files.index(os.path.join("a", n)) for n in ("corrupt.jpg", "empty.jpg")]
-    assert ds.collater([ds[i] for i in bad]) == {}
+    batch = ds.collater([ds[i] for i in bad])
+    assert batch["no_image_left"] and batch["bad_images"] == 2 and len(batch["bad_files"]) == 2
+    assert batch["net_input"]["images"].shape == (1, 3, 16, 16) and batch["nsentences"] == 0
+    # the criterion runs it (every rank runs every step) and counts no image, no loss, no correct answer
+    from d2v_plugin.data.device_batch import to_model_input
+
+    assert to_model_input(batch, DataConfig(image_size=16)) is True
+    model = Data2Vec2ImageClassifier(Data2Vec2ClassifierConfig(num_classes=3),
+                                     __import__("conftest").tiny_encoder(image_size=16)).eval()
+    criterion = MixupCrossEntropyCriterion(MixupCrossEntropyConfig(num_classes=3, seed=1, batch_size=2), None)
+    loss, n, log = criterion(model, batch)
+    assert n == 0 and log["sample_size"] == 0 and int(log["correct"]) == 0 and float(loss.detach()) == 0.0
 
 
 def test_preresize_writes_a_smaller_copy_with_the_same_tree(tmp_path, cache_dir):

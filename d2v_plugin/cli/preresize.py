@@ -24,24 +24,30 @@ def resize_one(job):
     """One image: ("written", None), ("done", None) when an earlier run wrote it, or ("failed", reason)."""
     from PIL import Image
 
-    from d2v_plugin.data.dataset import DECODE_ERRORS
+    from d2v_plugin.data.decode import UnreadableImage, decode_pil, decoding, open_image
+    from d2v_plugin.data.index import read_regular_file
 
     src, dst, short_side, quality = job
     if os.path.exists(dst):
         return "done", None
     try:
-        with Image.open(src) as img:
-            w, h = img.size
-            scale = short_side / min(w, h)
-            if scale < 1:
-                img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # JPEG: DCT-scaled decode
-            img = img.convert("RGB")
-            if scale < 1:
-                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-            with atomic_path(dst) as tmp:
-                img.save(tmp, format="JPEG", quality=quality)
-    except DECODE_ERRORS as err:
+        data = read_regular_file(src)
+        img = open_image(data)
+        w, h = img.size
+        scale = short_side / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if scale < 1:
+            with decoding(data):
+                img.draft("RGB", size)  # JPEG: DCT-scaled decode
+        img = decode_pil(img)
+        if scale < 1:
+            img = img.resize(size, Image.BICUBIC)
+        with atomic_path(dst) as tmp:
+            img.save(tmp, format="JPEG", quality=quality)
+    except UnreadableImage as err:
         return "failed", f"{src}: {err}"
+    except MemoryError:
+        return "failed", f"{src}: decoding it ran out of memory"
     return "written", None
 
 

@@ -91,7 +91,9 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         images, target = sample["net_input"]["images"], sample["target"]
-        n = images.shape[0]
+        # a batch whose images were all unreadable runs as a placeholder that counts nothing (data/dataset.py)
+        empty = bool(sample.get("no_image_left"))
+        n = 0 if empty else images.shape[0]
         log = {"ntokens": n, "nsentences": n, "sample_size": n}
         if model.training:  # a training statistic: images the batch left out (validation reports them too, once)
             log["bad_images"] = sample.get("bad_images", 0)
@@ -105,7 +107,9 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
         else:
             logits = model(images)
             loss = F.cross_entropy(logits.float(), target, reduction="sum")
-            log["correct"], log["correct5"] = (c.detach() for c in topk_correct(logits, target))
+            log["correct"], log["correct5"] = (c.detach() * (not empty) for c in topk_correct(logits, target))
+        if empty:
+            loss = loss * 0.0
         if self.cfg.class_mean:
             loss = loss / self.cfg.num_classes
         log["loss"] = loss.detach()

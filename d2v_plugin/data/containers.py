@@ -11,9 +11,13 @@ then work unchanged, and image i gets the same pixels whatever holds it.
 - Tar shards: an index of every member's offset and size, built once and cached like the folder index
   (keyed on the shards' sizes and modification times); a read is one ``pread``.
 - Files are opened lazily in each process (after the data-loading workers fork).
-- A record without a label, or whose bytes do not decode, is a bad record (skipped and counted, or an
-  error naming the file and the row or key); a file that does not open or a truncated shard is an error
-  at start-up naming the file.
+- A record without a label, with a label that is not a class index, or whose bytes do not decode, is a
+  bad record (skipped and counted, or an error naming the file and the row or key); a file that does not
+  open, or a Parquet column of another type, is an error at start-up naming the file.
+- A tar shard is read to its end: a corrupt header or a shard cut short stops the run naming the shard
+  and the offset where reading stopped (``on_bad_image=error``), or is skipped with a line naming it and
+  the samples lost (``skip``, what can be read after a corrupt header is kept); duplicate keys are
+  reported (the first member is used).
 """
 from __future__ import annotations
 
@@ -28,14 +32,17 @@ import tarfile
 import numpy as np
 
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.data.index import IMAGE_EXTENSIONS, DataError, PathList, default_cache_dir, index_split
+from d2v_plugin.data.decode import UnreadableImage
+from d2v_plugin.data.index import (BAD_LABEL, IMAGE_EXTENSIONS, NO_LABEL, DataError, PathList, default_cache_dir,
+                                   index_split, shown_path)
+from d2v_plugin.limits import LIMITS, env_name
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "folder", "parquet", "wds")
 SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val")}
-CACHE_VERSION = 2  # 2: keys split at the first dot of the member's file name
-NO_LABEL = -1
+CACHE_VERSION = 3  # 2: keys split at the first dot of the member's file name; 3: labels checked, damage kept
+ON_BAD_IMAGE = ("skip", "error")
 
 
 def split_names(split: str) -> tuple:
@@ -94,8 +101,11 @@ def detect_format(root: str, split: str) -> str:
 
 
 def open_split(root: str, split: str, classes: list[str] | None = None, cache_dir: str | None = None,
-               data_format: str = "auto"):
-    """The split as a sample source, whatever holds it. ``classes``: the train split's, None for train."""
+               data_format: str = "auto", on_bad_image: str = "skip"):
+    """The split as a sample source, whatever holds it. ``classes``: the train split's, None for train.
+    ``on_bad_image``: what a damaged container does (error: stop naming it; skip: report what is lost)."""
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise DataError(f"task.on_bad_image={on_bad_image!r}: use skip or error")
     if data_format not in FORMATS:
         raise DataError(f"task.data_format={data_format!r}: use one of {', '.join(FORMATS)}")
     fmt = detect_format(root, split) if data_format == "auto" else data_format
@@ -110,6 +120,7 @@ def open_split(root: str, split: str, classes: list[str] | None = None, cache_di
     if missing:
         raise DataError(f"{missing[0]}: shard not found ({len(missing)} of the {len(files)} the pattern names)")
     source = (ParquetSplit if fmt == "parquet" else ShardSplit)(files, split, cache_dir or default_cache_dir())
+    source.report_damage(on_bad_image)
     source.set_classes(classes)
     return source
 
@@ -154,8 +165,39 @@ def _classes_txt(files: list[str]) -> list[str] | None:
     path = os.path.join(os.path.dirname(os.path.abspath(files[0])), "classes.txt")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    if os.path.getsize(path) > 64 * LIMITS.max_classes:
+        raise DataError(f"{path}: larger than {LIMITS.max_classes:,} class names could be")
+    with open(path, encoding="utf-8", errors="backslashreplace") as f:
+        names = [line.rstrip("\n") for line in f if line.strip()]
+    if len(names) > LIMITS.max_classes:
+        raise DataError(f"{path}: {len(names):,} class names, over the bound of {LIMITS.max_classes:,} "
+                        f"({env_name('max_classes')})")
+    return names
+
+
+def parse_label(text: bytes) -> int:
+    """A .cls member's class index (ASCII digits, below the bound), else ``BAD_LABEL``."""
+    text = text.strip()
+    if not text or len(text) > 9 or not text.isdigit():  # bytes.isdigit: ASCII digits only (not '²')
+        return BAD_LABEL
+    label = int(text)
+    return label if label < LIMITS.max_classes else BAD_LABEL
+
+
+def labels_of(column, path: str) -> np.ndarray:
+    """A Parquet ``label`` column as class indices: integers (floats only where whole), a missing value
+    ``NO_LABEL``, a negative, fractional or too large one ``BAD_LABEL``; another type is an error."""
+    import pyarrow as pa
+
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+        raise DataError(f"{path}: its 'label' column holds {kind}, not class indices (integers)")
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    out = np.full(len(values), BAD_LABEL, dtype=np.int64)
+    whole = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < LIMITS.max_classes)
+    out[whole] = values[whole].astype(np.int64)
+    out[np.isnan(values)] = NO_LABEL
+    return out
 
 
 class _ContainerSplit:
@@ -170,6 +212,14 @@ class _ContainerSplit:
         index = _cached(cache_dir, self.kind, self.files, self._build_index)
         self._load_index(index)
         self._opened_in = None  # the process that opened the files: workers open their own
+
+    def report_damage(self, on_bad_image: str) -> None:
+        """Damage the index found (a tar shard's corrupt header, a shard cut short, duplicate keys): an
+        error naming the file and offset, or one line each naming what was lost."""
+        for problem in getattr(self, "damage", []):
+            if on_bad_image == "error":
+                raise DataError(f"{problem} (task.on_bad_image=skip reads what can be read and reports the rest)")
+            logger.warning(f"{problem} (task.on_bad_image=skip)")
 
     def set_classes(self, train_classes: list[str] | None) -> None:
         known = [str(c) for c in self.stored_classes] if len(self.stored_classes) else _classes_txt(self.files)
@@ -211,14 +261,15 @@ class ParquetSplit(_ContainerSplit):
                 if "image" not in columns or "label" not in columns:
                     raise DataError(f"{path}: a Parquet file without the 'image' and 'label' columns "
                                     f"(it has {', '.join(columns)})")
-                label = pq.read_table(path, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+                _check_image_column(pf.schema_arrow.field("image").type, path)
+                label = labels_of(pq.read_table(path, columns=["label"]).column("label"), path)
             except DataError:
                 raise
             except Exception as err:
                 raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
                                 f"{str(err).strip().splitlines()[0]})") from None
             group_rows.append([pf.metadata.row_group(k).num_rows for k in range(pf.metadata.num_row_groups)])
-            labels.append(np.where(np.isnan(label.astype(np.float64)), NO_LABEL, label).astype(np.int64))
+            labels.append(label)
             names = names or _class_label_names(pf.schema_arrow.metadata)
         counts = np.array([sum(r) for r in group_rows], dtype=np.int64)
         groups = np.array([n for rows in group_rows for n in rows], dtype=np.int64)
@@ -257,8 +308,26 @@ class ParquetSplit(_ContainerSplit):
         value = entry[2][r]
         data = value["bytes"].as_py() if pa.types.is_struct(value.type) else value.as_py()
         if data is None:
-            raise OSError("the record holds no image bytes")
+            raise UnreadableImage("the record holds no image bytes")
+        if len(data) > LIMITS.max_file_bytes:
+            raise UnreadableImage(f"{len(data):,} bytes, over the bound of {LIMITS.max_file_bytes:,} "
+                                  f"({env_name('max_file_bytes')})")
         return data
+
+
+def _check_image_column(kind, path: str) -> None:
+    """The ``image`` column holds encoded bytes: binary, or Hugging Face's struct of ``bytes`` and ``path``."""
+    import pyarrow as pa
+
+    def binary(t):
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    if binary(kind):
+        return
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and binary(kind.field("bytes").type):
+        return
+    raise DataError(f"{path}: its 'image' column holds {kind}, not encoded image bytes (binary, or a struct "
+                    f"with a binary 'bytes' field as Hugging Face writes)")
 
 
 def _class_label_names(metadata) -> list[str] | None:
@@ -272,56 +341,130 @@ def _class_label_names(metadata) -> list[str] | None:
         return None
 
 
+def _tail_problem(path: str, end: int, file_size: int) -> str | None:
+    """What is wrong with a shard after its last readable member, or None: what follows must be tar's
+    end-of-archive marker (zero blocks, at least one) and nothing else."""
+    if end >= file_size:
+        return (f"the shard ends at byte {file_size:,} without tar's end-of-archive marker: it was cut short, and "
+                f"whatever followed is lost")
+    with open(path, "rb") as f:
+        f.seek(end)
+        position = end
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return None
+            if chunk.count(0) != len(chunk):
+                where = position + next(i for i, b in enumerate(chunk) if b)
+                return (f"reading stopped at byte {end:,} of {file_size:,}: the tar header there is corrupt "
+                        f"(data follows at byte {where:,})")
+            position += len(chunk)
+
+
+def _read_shard(path: str) -> tuple[dict, list]:
+    """key -> {"image": (offset, size), "cls": label} of a tar shard, and the problems met: a shard is
+    read to its end (a corrupt header or a cut stops tarfile silently: the rest of the file is checked),
+    and what can be read after a corrupt header is recovered."""
+    file_size = os.path.getsize(path)
+    samples, problems = {}, []
+
+    def add(tar, member) -> bool:
+        """Index one member; False when the shard is cut inside it (nothing after it can be read)."""
+        if not member.isfile():
+            return True
+        if member.offset_data + member.size > file_size:
+            problems.append(f"member {shown_path(member.name)} at byte {member.offset:,} runs past the shard's end "
+                            f"({file_size:,} bytes): it was cut short")
+            return False
+        key, ext = member_key(member.name)
+        entry = samples.setdefault(key, {})
+        kind = ext.lower().rpartition(".")[2]  # WebDataset decodes a field by its last suffix
+        field = "image" if ("." + kind) in IMAGE_EXTENSIONS else "cls" if kind == "cls" else None
+        if field is None:
+            return True
+        if field in entry:
+            problems.append(f"duplicate key {shown_path(key)}: a second {'image' if field == 'image' else 'label'} "
+                            f"{shown_path(member.name)} at byte {member.offset:,} (the first one is used)")
+        elif field == "image":
+            entry["image"] = (member.offset_data, member.size)
+        else:
+            small = member.size <= LIMITS.max_label_bytes
+            entry["cls"] = parse_label(tar.extractfile(member).read()) if small else BAD_LABEL
+        return True
+
+    try:
+        with tarfile.open(path, "r:") as tar:  # (its first header must read: else it is no tar shard at all)
+            stopped = None
+            while True:
+                try:
+                    member = tar.next()
+                except (tarfile.TarError, OSError, UnicodeDecodeError) as err:
+                    stopped = f"reading stopped at byte {tar.offset:,} of {file_size:,}: {err}"
+                    break
+                if member is None or not add(tar, member):
+                    break
+            end = tar.offset  # where reading stopped: the end-of-archive marker, or what tarfile could not read
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{shown_path(path)}: not a readable tar shard ({type(err).__name__}: {err})") from None
+    if stopped:
+        problems.append(stopped)
+    cut = stopped or any("runs past" in p for p in problems)
+    tail = None if cut else _tail_problem(path, end, file_size)
+    if tail is not None:
+        problems.append(tail)
+        if "corrupt" in tail:  # tarfile's ignore_zeros skips to the next header that reads: keep what follows
+            try:
+                with tarfile.open(path, "r:", ignore_zeros=True) as tar:
+                    for member in tar:
+                        if member.offset > end:
+                            add(tar, member)
+            except (tarfile.TarError, OSError, UnicodeDecodeError):
+                pass  # what could be read before the damage stays
+    return samples, problems
+
+
 class ShardSplit(_ContainerSplit):
     kind = "wds"
 
     def _build_index(self) -> dict:
-        shard, offset, size, label, keys = [], [], [], [], []
+        shard, offset, size, label, keys, damage = [], [], [], [], [], []
         for s, path in enumerate(self.files):
-            file_size = os.path.getsize(path)
-            samples = {}
-            try:
-                with tarfile.open(path, "r:") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        if member.offset_data + member.size > file_size:
-                            raise DataError(f"{path}: truncated tar shard (member {member.name} runs past its end)")
-                        key, ext = member_key(member.name)
-                        entry = samples.setdefault(key, {})
-                        kind = ext.lower().rpartition(".")[2]  # WebDataset decodes a field by its last suffix
-                        if ("." + kind) in IMAGE_EXTENSIONS:
-                            entry["image"] = (member.offset_data, member.size)
-                        elif kind == "cls":
-                            entry["cls"] = tar.extractfile(member).read().decode().strip()
-            except DataError:
-                raise
-            except (tarfile.TarError, OSError, UnicodeDecodeError) as err:
-                raise DataError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from None
+            samples, problems = _read_shard(path)
+            incomplete = 0
             for key, entry in samples.items():
                 if "image" not in entry:
+                    incomplete += "cls" in entry
                     continue
+                incomplete += "cls" not in entry and bool(problems)
                 shard.append(s)
                 offset.append(entry["image"][0])
                 size.append(entry["image"][1])
-                cls = entry.get("cls")
-                label.append(int(cls) if cls is not None and cls.lstrip("-").isdigit() else NO_LABEL)
+                label.append(entry.get("cls", NO_LABEL))
                 keys.append(key)
-        paths = PathList.from_strings(keys)
+            for problem in problems:
+                lost = (f"; {incomplete} samples of the shard lost their image or label"
+                        if incomplete and "duplicate" not in problem else "")
+                damage.append(f"{shown_path(path)}: {problem}{lost}")
+        paths, reports = PathList.from_strings(keys), PathList.from_strings(damage)
         return {"shard": np.array(shard, dtype=np.int64), "offset": np.array(offset, dtype=np.int64),
                 "size": np.array(size, dtype=np.int64), "labels": np.array(label, dtype=np.int64),
-                "key_blob": paths.blob, "key_offsets": paths.offsets, "classes": np.array([], dtype=str)}
+                "key_blob": paths.blob, "key_offsets": paths.offsets, "classes": np.array([], dtype=str),
+                "damage_blob": reports.blob, "damage_offsets": reports.offsets}
 
     def _load_index(self, index: dict) -> None:
         self.labels, self.stored_classes = index["labels"], index["classes"]
         self.shard, self.offset, self.size = index["shard"], index["offset"], index["size"]
         self.keys = PathList(index["key_blob"], index["key_offsets"])
+        self.damage = list(PathList(index["damage_blob"], index["damage_offsets"]))
 
     def describe(self, i: int) -> str:
         return f"{self.files[int(self.shard[i])]}:{self.keys[i]}"
 
     def read(self, i: int) -> bytes:
         s = int(self.shard[i])
+        if int(self.size[i]) > LIMITS.max_file_bytes:
+            raise UnreadableImage(f"{int(self.size[i]):,} bytes, over the bound of {LIMITS.max_file_bytes:,} "
+                                  f"({env_name('max_file_bytes')})")
         handles = self._handles()
         if s not in handles:
             handles[s] = os.open(self.files[s], os.O_RDONLY)

@@ -2,19 +2,17 @@
 read the bytes, decode to RGB, transform, skip or stop on bad images."""
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from fairseq.data import FairseqDataset
-from PIL import Image
 
 from d2v_plugin.cluster import leave_signals_to_main_process
-from d2v_plugin.data.decode import DECODE_ERRORS, tensor_decodable, why_unreadable
-from d2v_plugin.data.index import DataError, FolderIndex
-from d2v_plugin.data.transforms import RandomResizedCropFlip
+from d2v_plugin.data.decode import UnreadableImage, open_image, tensor_decodable
+from d2v_plugin.data.index import LABEL_PROBLEMS, DataError, FolderIndex
+from d2v_plugin.data.transforms import RandomResizedCropFlip, TimmTransform
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +119,20 @@ class ImageFolderDataset(FairseqDataset):
             leave_signals_to_main_process(self.stop_signals)  # once per data-loading worker
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         seed = image_seed(self.seed, epoch, i)
-        if self.index.labels[i] < 0:  # a container's record without a label
-            return self._bad(i, self.index.describe(i), "the record has no label")
-        data = None
+        if self.index.labels[i] < 0:  # a container's record without a (usable) label
+            return self._bad(i, self.index.describe(i), LABEL_PROBLEMS[int(self.index.labels[i])])
         try:
             data = self.index.read(i)  # the encoded bytes, from a file, a Parquet row or a tar member
-            with Image.open(io.BytesIO(data)) as img:  # the transforms decode it (from the header's size on)
+            with open_image(data) as img:  # its header, within the bounds; the transforms decode it in full first
                 if self.device_decode and tensor_decodable(img):
                     box, flip = self.transform.draw(img, seed)  # the crop the transform would take
                     return {"id": i, "jpeg": data, "box": box, "flip": flip, "path": self.index.describe(i),
                             "target": self.index.labels[i]}
                 image = self.transform(img, seed, data)
-        except DECODE_ERRORS as err:  # truncated, empty, not an image; a bug in the code still raises
-            return self._bad(i, self.index.describe(i), why_unreadable(err, data))
+        except UnreadableImage as err:  # the one definition (data/decode.py); a bug in the code still raises
+            return self._bad(i, self.index.describe(i), str(err))
+        except MemoryError:
+            return self._bad(i, self.index.describe(i), "decoding it ran out of memory")
         return {"id": i, "image": image, "target": self.index.labels[i]}
 
     def _bad(self, i: int, where: str, reason: str) -> dict:
@@ -142,17 +141,25 @@ class ImageFolderDataset(FairseqDataset):
         return {"id": i, "image": None, "target": max(int(self.index.labels[i]), 0), "bad": (where, reason)}
 
     def collater(self, samples: list[dict]) -> dict:
-        """Samples -> a batch in the samples' order, unreadable images left out. With ``device_decode``
-        the still-encoded JPEGs are listed under ``encoded`` with their places in the batch, and
-        ``net_input.images`` holds the images decoded here, in batch order without those places:
-        ``data.device_batch.decode_on_device`` fills them in."""
-        good = [s for s in samples if s.get("image") is not None or "jpeg" in s]
-        if not good:  # fairseq runs an empty sample as its dummy batch, so the failures cannot travel with it
-            for s in samples:
-                if "bad" in s:
-                    logger.warning(f"skipping unreadable image {s['bad'][0]}: {s['bad'][1]} (a batch without any "
-                                   f"readable image)")
+        """Samples -> a batch in the samples' order, unreadable images left out and listed (``bad_files``,
+        ``bad_images``). With ``device_decode`` the still-encoded JPEGs are listed under ``encoded`` with
+        their places in the batch, and ``net_input.images`` holds the images decoded here, in batch order
+        without those places: ``data.device_batch.decode_on_device`` fills them in.
+
+        A batch without any readable image is one zero image marked ``no_image_left``: it runs (every rank
+        runs every step) but counts nothing (the criterion reports it as 0 images, the gradient is
+        ignored), and its failures travel with it as any batch's do. fairseq's own empty batch would run
+        an earlier batch in its place, and validation would count those images again."""
+        if not samples:
             return {}
+        good = [s for s in samples if s.get("image") is not None or "jpeg" in s]
+        if not good:
+            timm = isinstance(self.transform, TimmTransform)  # timm's transform gives normalised floats
+            size = self.transform.size
+            return {"id": torch.tensor([-1]),
+                    "net_input": {"images": torch.zeros((1, 3, size, size), dtype=torch.float32 if timm else torch.uint8)},
+                    "target": torch.tensor([0]), "nsentences": 0, "ntokens": 0, "bad_images": len(samples),
+                    "bad_files": [s["bad"] for s in samples if "bad" in s], "no_image_left": True}
         decoded = [s["image"] for s in good if "jpeg" not in s]
         if decoded:
             images = torch.stack(decoded)

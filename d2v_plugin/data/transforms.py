@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from d2v_plugin.data.config import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
-from d2v_plugin.data.decode import decode, hwc_tensor, to_rgb
+from d2v_plugin.data.decode import check_size, decode, decode_pil, decoding, hwc_tensor
 
 # the data config's interpolation (``task.interpolation``) -> PIL's filter (evaluation, timm's transform)
 # and torch's mode (training crops); torch antialiases bilinear and bicubic when shrinking, as PIL does
@@ -127,8 +127,9 @@ class RandomResizedCropFlip:
 
     def __call__(self, img: Image.Image, seed, data: bytes | None = None) -> torch.Tensor:
         box, flip = self.draw(img, seed)
-        reduced = drafted_box(img, box, self.size, self.size) if self.fast_decode else None
-        image = decode(img, data) if reduced is None else hwc_tensor(to_rgb(img))  # PIL decodes drafted
+        with decoding(data):
+            reduced = drafted_box(img, box, self.size, self.size) if self.fast_decode else None
+        image = decode(img, data) if reduced is None else hwc_tensor(decode_pil(img))  # PIL decodes drafted
         out = resize_crop(image, *(reduced or box), self.size, self.size, self.interpolation)
         return (out.flip(-1) if flip else out).contiguous()
 
@@ -142,21 +143,23 @@ class ResizeCenterCrop:
         self.filter = interpolation_modes(interpolation)[0]
 
     def __call__(self, img: Image.Image, seed=None, data: bytes | None = None) -> torch.Tensor:
-        """Deterministic: ``seed`` and ``data`` are there for the common call; PIL decodes the image."""
+        """Deterministic: ``seed`` is there for the common call; PIL decodes the image in full first."""
         width, height = img.size
         short = int(self.size / self.crop_ratio)
         # torchvision's Resize(int): the shorter side becomes `short`, the longer one scales, truncated
         new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+        check_size(new_w, new_h, "its resize")
         if self.fast_decode and img.format == "JPEG":
-            img.draft("RGB", (new_w, new_h))  # the largest DCT scaling that keeps the image >= new size
+            with decoding(data):
+                img.draft("RGB", (new_w, new_h))  # the largest DCT scaling that keeps the image >= new size
         # PIL's resize, exactly what data2vec's and timm's evaluation transforms compute
-        resized = to_rgb(img).resize((new_w, new_h), self.filter, reducing_gap=3.0 if self.fast_decode else None)
+        resized = decode_pil(img).resize((new_w, new_h), self.filter, reducing_gap=3.0 if self.fast_decode else None)
         left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
         return hwc_tensor(resized.crop((left, top, left + self.size, top + self.size))).contiguous()
 
 
 class TransformError(RuntimeError):
-    """timm's transform failed on an image that decoded: a bug to report, not a bad file to skip."""
+    """timm's transform failed on an image that decoded in full: a bug to report, not a bad file to skip."""
 
 
 @contextlib.contextmanager
@@ -188,7 +191,7 @@ class TimmTransform:
         self.transform, self.size = transform, size
 
     def __call__(self, img: Image.Image, seed, data: bytes | None = None) -> torch.Tensor:
-        decoded = to_rgb(img)  # decoded now: an unreadable file fails here, as in the plugin's transforms
+        decoded = decode_pil(img)  # decoded in full now: an unreadable file fails here, as on every path
         try:
             with seeded_global_rngs(seed):
                 return self.transform(decoded)

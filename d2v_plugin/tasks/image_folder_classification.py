@@ -135,7 +135,8 @@ class ImageFolderClassificationTask(FairseqTask):
         if run is not None:
             check_precision(run.common)
             resolve_update_freq(cfg.global_batch_size, run)
-        train = open_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir, data_format=cfg.data_format)
+        train = open_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir, data_format=cfg.data_format,
+                           on_bad_image=cfg.on_bad_image)
         logger.info(f"{len(train.classes)} classes in {train.split_dir}")
         task = cls(cfg, train.classes)
         task._indexes = {cfg.train_split: train}
@@ -144,8 +145,8 @@ class ImageFolderClassificationTask(FairseqTask):
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         index = self._indexes.pop(split, None) or open_split(
-            self.cfg.data, split, classes=self.classes, cache_dir=self.cfg.cache_dir, data_format=self.cfg.data_format
-        )
+            self.cfg.data, split, classes=self.classes, cache_dir=self.cfg.cache_dir, data_format=self.cfg.data_format,
+            on_bad_image=self.cfg.on_bad_image)
         is_train = split == self.cfg.train_split
         if is_train:
             transform = train_transform(self.cfg.image_size, self.cfg.train_crop_scale, self.cfg.auto_augment,
