@@ -10,7 +10,7 @@ from d2v_plugin.data.config import resolve_data_config
 from d2v_plugin.data.device_batch import Normalized
 from d2v_plugin.data.transforms import data_eval_transform
 from d2v_plugin.models.architecture import check_architecture
-from d2v_plugin.models.checkpoints import Checkpoint, CheckpointError, build_and_load, read_checkpoint
+from d2v_plugin.models.checkpoints import Checkpoint, CheckpointError, build_and_load, encoder_part, read_checkpoint
 from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier, head_config
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
 
@@ -51,3 +51,23 @@ def load_classifier(path: str, trust: bool = False, num_heads: int | None = None
     """
     given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
     return classifier_from_checkpoint(read_checkpoint(os.fspath(path), trust=trust, given=given), crop_ratio)
+
+
+def load_encoder(path: str, trust: bool = False, prefix: str | None = None, num_heads: int | None = None,
+                 norm_eps: float | None = None, image_size: int | None = None, crop_ratio: float | None = None):
+    """(eval-mode encoder, data config, the Checkpoint) of any file a reader knows: a pretrained encoder,
+    a student, a classifier (its encoder) or an export folder. The data config is the one its training
+    evaluated with where the file says (size, crop, interpolation), else data2vec's (resize to 256 for 224,
+    bicubic); ``image_size`` resamples the positions, ``crop_ratio`` overrides the crop."""
+    from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
+
+    given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
+    ckpt = read_checkpoint(os.fspath(path), trust=trust, prefix=prefix, given=given)
+    cfg, state = encoder_part(ckpt, image_size=image_size, depth_setting="--depth")
+    try:
+        data_cfg = resolve_data_config(**{**{k: v for k, v in ckpt.data.items() if v is not None},
+                                          "image_size": cfg.image_size, "crop_ratio": crop_ratio or ckpt.data.get("crop_ratio")})
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt.path}: its data config cannot be used: {err}") from None
+    encoder = build_and_load(lambda: Data2Vec2ImageEncoder(cfg), state, ckpt.path, what="the encoder").eval()
+    return encoder, data_cfg, ckpt

@@ -3,16 +3,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 import d2v_plugin
-from d2v_plugin.demo_data import write_random_images
+from d2v_plugin.demo_data import write_digits, write_random_images
 from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
 from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 d2v_plugin.register()  # the task, model and criterion, as loading the plugin as fairseq's user dir does
+
+# the commands' default caches (folder index, feature stores) go under the session's own folder, not ~/.cache;
+# commands run as subprocesses inherit it
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="d2v_test_cache_")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -106,3 +111,38 @@ def exception_line(stderr, prefixes=("d2v_plugin.",)):
     lines = [line for line in stderr.splitlines() if line.startswith(prefixes)]
     assert len(lines) == 1, stderr[-2000:]
     return lines[0]
+
+
+# --- the session's fine-tuned runs (built once, shared by every test that needs a trained model) ----------
+
+def fairseq_train(data, init, save_dir, cache, *overrides):
+    cmd = [os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
+           "common.user_dir=d2v_plugin", f"task.data={data}", f"model.pretrained_checkpoint={init}",
+           f"checkpoint.save_dir={save_dir}", f"task.cache_dir={cache}", "task.image_size=16",
+           "optimization.max_epoch=6", "optimization.max_update=270",
+           "optimizer.groups.default.lr_scheduler.warmup_updates=30",
+           "optimizer.groups.no_decay.lr_scheduler.warmup_updates=30", *overrides]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return save_dir
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Two real fairseq-hydra-train runs on scikit-learn's digits (16 px): a 2-block student cut from a 6-block
+    checkpoint by model.depth, and a 4-block one from `convert --depth 4`."""
+    root = tmp_path_factory.mktemp("tools")
+    data, cache = root / "digits", root / "cache"
+    write_digits(str(data), image_size=16)
+    torch.manual_seed(0)
+    teacher = Data2Vec2ImageEncoder(EncoderConfig(embed_dim=64, depth=6, num_heads=4, patch_size=4, image_size=16))
+    init = root / "teacher.pt"
+    save_data2vec_checkpoint(teacher, str(init), prenet_depth=2)
+    student = root / "student4.pt"
+    out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.convert", str(init), "--out", str(student),
+                          "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    depth2 = fairseq_train(data, init, root / "depth2", cache, "model.depth=2")
+    depth4 = fairseq_train(data, student, root / "depth4", cache)
+    return {"data": data, "init": init, "student": student, "convert_stdout": out.stdout, "depth2": depth2,
+            "depth4": depth4, "root": root, "cache": cache}

@@ -8,7 +8,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import json_records, run, train_cmd
@@ -155,11 +154,14 @@ def test_a_randaugment_run_over_bad_files_reports_each_once_and_validates_on_the
         assert len(re.findall(re.escape(f"skipping unreadable image {path}:"), log)) == 1, path
     val = json_records(log, "val")
     assert val and all(r["val_n"] == 12 for r in val)  # the readable val images, each once, not fairseq's dummy
-    from d2v_plugin.cli.evaluate import evaluate
+    from d2v_plugin.data.containers import open_split
+    from d2v_plugin.evaluation.loop import evaluate
+    from d2v_plugin.evaluation.runtime import start
     from d2v_plugin.inference import load_classifier
 
     model = load_classifier(tmp_path / "run" / "checkpoint_best.pt")
-    scores = evaluate(model, str(root), "val", batch_size=4, cache_dir=str(tmp_path / "cache"))
+    index = open_split(str(root), "val", classes=model.classes, cache_dir=str(tmp_path / "cache"))
+    scores = evaluate(model, index, start("cpu"), batch_size=4, workers=2)
     assert scores["n"] == 12 and abs(100 * scores["top1"] - max(r["val_accuracy"] for r in val)) < 1e-3
     train = json_records(log, "train")
     assert [int(r["train_bad_images"]) for r in train] == [10, 10]  # the 10 bad train files, every epoch

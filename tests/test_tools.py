@@ -6,60 +6,22 @@ student cut from a 6-block checkpoint by model.depth, and a 4-block one from `co
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, VENV_BIN
 from d2v_plugin.cli import compare as compare_cli
 from d2v_plugin.cli import convert as convert_cli
 from d2v_plugin.cli import evaluate as evaluate_cli
 from d2v_plugin.cli import export as export_cli
 from d2v_plugin.cli import knn as knn_cli
 from d2v_plugin.cli import predict as predict_cli
-from d2v_plugin.cli.knn import features, load_encoder
 from d2v_plugin.data import index_split
-from d2v_plugin.demo_data import write_digits
 from d2v_plugin.inference import load_classifier
-from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
-from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 pytestmark = pytest.mark.slow
-
-
-def fairseq_train(data, init, save_dir, cache, *overrides):
-    cmd = [os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
-           "common.user_dir=d2v_plugin", f"task.data={data}", f"model.pretrained_checkpoint={init}",
-           f"checkpoint.save_dir={save_dir}", f"task.cache_dir={cache}", "task.image_size=16",
-           "optimization.max_epoch=6", "optimization.max_update=270",
-           "optimizer.groups.default.lr_scheduler.warmup_updates=30",
-           "optimizer.groups.no_decay.lr_scheduler.warmup_updates=30", *overrides]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return save_dir
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tools")
-    data, cache = root / "digits", root / "cache"
-    write_digits(str(data), image_size=16)
-    torch.manual_seed(0)
-    teacher = Data2Vec2ImageEncoder(EncoderConfig(embed_dim=64, depth=6, num_heads=4, patch_size=4, image_size=16))
-    init = root / "teacher.pt"
-    save_data2vec_checkpoint(teacher, str(init), prenet_depth=2)
-    student = root / "student4.pt"
-    out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.convert", str(init), "--out", str(student),
-                          "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    depth2 = fairseq_train(data, init, root / "depth2", cache, "model.depth=2")
-    depth4 = fairseq_train(data, student, root / "depth4", cache)
-    return {"data": data, "init": init, "student": student, "convert_stdout": out.stdout, "depth2": depth2,
-            "depth4": depth4, "root": root, "cache": cache}
 
 
 def test_convert_depth_4_keeps_the_sources_first_four_blocks(runs):
@@ -150,10 +112,15 @@ def brute_force_knn_top1(train_f, train_y, val_f, val_y, k, t, num_classes):
     return correct / len(val_y)
 
 
-def test_knn_separates_trained_from_random_and_matches_brute_force(runs, capsys):
+def test_knn_separates_trained_from_random_and_matches_brute_force(runs, capsys, tmp_path):
+    from d2v_plugin.evaluation.knn import knn_probe
+    from d2v_plugin.evaluation.probes import cached_features
+    from d2v_plugin.evaluation.runtime import start
+
     results = {}
     for name, ckpt in (("random init", runs["init"]), ("fine-tuned", runs["depth4"] / "checkpoint_best.pt")):
-        assert knn_cli.main([str(ckpt), "--data", str(runs["data"]), "--k", "10"]) == 0
+        assert knn_cli.main([str(ckpt), "--data", str(runs["data"]), "--k", "10", "--cache",
+                             str(tmp_path / "feats")]) == 0
         results[name] = json.loads(capsys.readouterr().out.strip())
     with capsys.disabled():
         print(f"\nkNN probe on digits (k=10): random init top-1 {results['random init']['top1']:.3f}, "
@@ -161,25 +128,29 @@ def test_knn_separates_trained_from_random_and_matches_brute_force(runs, capsys)
     assert results["fine-tuned"]["n"] == 360 and results["fine-tuned"]["n_train"] == 1437
     assert results["fine-tuned"]["top1"] > results["random init"]["top1"] + 0.1
     # the probe's top-1 equals a brute-force computation on the same features
-    enc = load_encoder(str(runs["depth4"] / "checkpoint_best.pt"))
-    train_index = index_split(str(runs["data"]), "train", cache_dir=str(runs["cache"]))
-    val_index = index_split(str(runs["data"]), "val", classes=train_index.classes, cache_dir=str(runs["cache"]))
-    tf, ty = features(enc, train_index)
-    vf, vy = features(enc, val_index)
-    expected = brute_force_knn_top1(tf, ty, vf[:60], vy[:60], 10, 0.07, 10)
-    from d2v_plugin.cli.knn import knn_classify
-    got = (knn_classify(tf, ty, vf[:60], 10, k=10).argmax(1) == vy[:60]).float().mean().item()
+    runtime = start("cpu")
+    feats = cached_features(str(runs["depth4"] / "checkpoint_best.pt"), str(runs["data"]), ["train", "val"], runtime,
+                            store=str(tmp_path / "feats"), index_cache=str(runs["cache"]))
+    train, val = feats.splits["train"], feats.splits["val"]
+    tf, vf = (torch.nn.functional.normalize(torch.from_numpy(np.array(s.view([0])[:])).float(), dim=-1)
+              for s in (train, val))
+    expected = brute_force_knn_top1(tf, train.labels, vf[:60], val.labels[:60], 10, 0.07, 10)
+    got = knn_probe(train.view([0]), train.labels, torch.from_numpy(np.array(val.view([0])[:60])), val.labels[:60],
+                    10, [10], 0.07, runtime)[0]["top1"]
     assert got == pytest.approx(expected)
 
 
-def test_knn_feature_cache_is_reused(runs, tmp_path, capsys, monkeypatch):
+def test_knn_features_are_reused_from_the_store(runs, tmp_path, capsys, monkeypatch):
+    from d2v_plugin.evaluation import features
+
     args = [str(runs["init"]), "--data", str(runs["data"]), "--k", "5", "--cache", str(tmp_path / "feats")]
     assert knn_cli.main(args) == 0
-    first = capsys.readouterr().out
+    first = json.loads(capsys.readouterr().out)
     assert len(os.listdir(tmp_path / "feats")) == 2  # train and val features
-    monkeypatch.setattr(knn_cli, "features", lambda *a, **k: pytest.fail("features recomputed"))
+    monkeypatch.setattr(features, "compute_entries", lambda *a, **k: pytest.fail("features recomputed"))
     assert knn_cli.main(args) == 0
-    assert capsys.readouterr().out == first
+    again = json.loads(capsys.readouterr().out)
+    assert again["top1"] == first["top1"] and again["extract_s"] == 0.0
 
 
 def log_lines(run_dir):
@@ -225,7 +196,7 @@ def test_compare_two_runs_writes_plots_and_a_report_matching_the_logs(runs, tmp_
         assert int(row[0].replace(",", "")) == expected
         # GFLOPs per image against a count from the shapes: 16 px, patch 4 -> 16 patches + CLS, 64 wide, 10 classes
         assert float(row[2]) == pytest.approx(vit_flops(64, depth, 17, 4, 10) / 1e9, rel=1e-3)
-        assert float(row[4]) > 0 and float(row[13]) > 0 and float(row[14]) > 0
+        assert float(row[4].split()[0]) > 0 and "–" in row[4] and float(row[13]) > 0 and float(row[14]) > 0
     assert rows["depth 4"][1] == "1.00" and rows["depth 4"][7] == "+0.000"
     p2, p4 = (int(rows[k][0].replace(",", "")) for k in ("depth 2", "depth 4"))
     assert p4 - p2 == 2 * (12 * 64 * 64 + 13 * 64)  # two more 64-wide blocks, each 12d^2 + 13d
@@ -262,3 +233,27 @@ def test_bad_inputs_end_with_one_clear_error_line(runs, tmp_path, capsys, comman
         command.main([a.format(**values) for a in args])
     assert exit_info.value.code not in (0, None)
     assert expected in error_line(capsys)
+
+
+def test_bf16_on_the_cpu_agrees_with_fp32(runs, tmp_path):
+    from d2v_plugin.data.containers import open_split
+    from d2v_plugin.evaluation.knn import nearest
+    from d2v_plugin.evaluation.loop import evaluate
+    from d2v_plugin.evaluation.probes import cached_features
+    from d2v_plugin.evaluation.runtime import start
+
+    model = load_classifier(runs["depth4"] / "checkpoint_best.pt")
+    index = open_split(str(runs["data"]), "val", classes=model.classes, cache_dir=str(runs["cache"]))
+    top1 = {p: evaluate(model, index, start("cpu", p), workers=2)["top1"] for p in ("fp32", "bf16")}
+    assert abs(top1["bf16"] - top1["fp32"]) <= 0.005, top1  # within half a point on the 360 digits
+    neighbours = {}
+    for precision in ("fp32", "bf16"):
+        runtime = start("cpu", precision)
+        feats = cached_features(str(runs["depth4"] / "checkpoint_best.pt"), str(runs["data"]), ["train", "val"],
+                                runtime, store=str(tmp_path / "f"), index_cache=str(runs["cache"]))
+        train, val = feats.splits["train"], feats.splits["val"]
+        neighbours[precision] = nearest(train.view([0]), train.labels, torch.from_numpy(np.array(val.view([0])[:])),
+                                        10, runtime).index
+    same = (neighbours["fp32"][:, 0] == neighbours["bf16"][:, 0]).float().mean().item()
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(*neighbours.values())])
+    assert same >= 0.8 and overlap >= 0.8, (same, overlap)  # mostly the same neighbours, mostly the nearest too

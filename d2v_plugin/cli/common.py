@@ -1,23 +1,73 @@
-"""What the commands share: a parser whose usage is ``python -m d2v_plugin.cli.<name>``, one clear
-error line and exit status 2 on bad input, fairseq imported quietly after parsing."""
+"""What the commands share: a parser whose usage is ``python -m d2v_plugin.cli.<name>`` and whose --help
+shows every option's default, arguments checked before anything is loaded, the flags every command
+that runs the model takes (device, precision, batch, workers), one clear error line and exit status 2
+on bad input, fairseq imported quietly after parsing."""
 import argparse
 import contextlib
 import logging
+import math
 import sys
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The command's docstring as written, and each option's default after its help."""
 
 
 def make_parser(doc: str, name: str, trust_flag: bool = True) -> argparse.ArgumentParser:
     """A parser whose --help is the command's docstring; with the checkpoint flags by default."""
-    parser = argparse.ArgumentParser(prog=f"python -m d2v_plugin.cli.{name}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m d2v_plugin.cli.{name}", description=doc, formatter_class=_Help)
     if trust_flag:
         parser.add_argument("--trust-checkpoint", action="store_true",
                             help="allow full unpickling of the checkpoint (runs code from the file: trusted files only)")
-        parser.add_argument("--num-heads", type=int, default=None,
-                            help="attention heads, for checkpoints that do not record them (Lightning state dicts)")
-        parser.add_argument("--norm-eps", type=float, default=None,
-                            help="LayerNorm eps, for checkpoints that do not record it")
+        parser.add_argument("--num-heads", type=positive_int, default=None,
+                            help="attention heads, for checkpoints that do not record them (Lightning state dicts); "
+                                 "default: the file's, else data2vec's head width of 64")
+        parser.add_argument("--norm-eps", type=positive_float, default=None,
+                            help="LayerNorm eps, for checkpoints that do not record it; default: the file's, else 1e-6")
     return parser
+
+
+# argument types: a bad value stops the command at once, naming the flag (argparse: "argument --x: ...")
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def ratio(text: str) -> float:
+    """A fraction in (0, 1] (a crop ratio)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # (nan too)
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
 
 
 DATA_FORMATS = ("auto", "folder", "parquet", "wds")
@@ -29,6 +79,19 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
     parser.add_argument("--data", required=required, default=None, help=help)
     parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
                         help="auto (found from what --data holds), folder, parquet or wds (tar shards)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="folder-index cache (default: ~/.cache/d2v_plugin/index)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """What every command that runs the model takes: where, in which precision, how many at once."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (this rank's GPU when there is one, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="autocast of the forward pass (default: bf16 on a GPU that has it, else fp32)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward pass and rank")
+    parser.add_argument("--workers", type=nonnegative_int, default=None,
+                        help="data-loading processes per rank (default: the cores available, at most 8)")
 
 
 def load_heavy() -> None:
@@ -41,11 +104,33 @@ def load_heavy() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+def start_runtime(args):
+    """The evaluation runtime of the device and precision flags (joins the ranks under torchrun or srun)."""
+    from d2v_plugin.evaluation.runtime import start
+
+    return start(args.device, args.precision)
+
+
+def emit(runtime, record: dict) -> None:
+    """One JSON line on stdout, from rank 0 only."""
+    import json
+
+    if runtime is None or runtime.is_main:
+        print(json.dumps(record), flush=True)
+
+
+class NothingCounted(ValueError):
+    """A command ran but had nothing to count: an error, not a result."""
+
+
 @contextlib.contextmanager
 def fail_cleanly():
     # the plugin's own errors (CheckpointError, DataError, ConfigError) are ValueErrors naming the problem
     try:
         yield
+    except NothingCounted as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,17 +1,18 @@
 """Compare fine-tuning runs side by side, accuracy against cost: PNG plots and a markdown report.
 
     python -m d2v_plugin.cli.compare RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--labels A B ...]
-        [--batch-size 64] [--no-speed]
+        [--batch-size 64] [--device auto] [--precision bf16] [--no-speed]
 
 RUN_DIR is a run's checkpoint.save_dir (the recipes keep hydra's log, hydra/hydra_train.log, there) or
 any folder holding fairseq log files (*.log), in fairseq's json or simple format. From the logs: best
 top-1 / top-5 and the update they were reached at, training wall-clock and images/s. From the run's
 checkpoint (checkpoint_best.pt, else checkpoint_last.pt): encoder parameters, GFLOPs per image
 (torch.utils.flop_counter: 2 x multiply-adds; papers quoting 17.6 for ViT-B/16 count multiply-adds)
-and inference images/s at --batch-size measured on this machine's device (--no-speed skips it).
-Writes top1_vs_time.png (validation top-1 against training time: the accuracy/cost picture),
-val_top1.png (per epoch), train_loss.png and lr.png (per update), and report.md, whose table puts
-every run beside the largest one.
+and inference images/s at --batch-size on --device in --precision, measured as `make bench` measures
+(a warm-up, then rounds in which every model runs, the order rotated; the median and the spread are
+shown; --no-speed skips it). Writes top1_vs_time.png (validation top-1 against training time: the
+accuracy/cost picture), val_top1.png (per epoch), train_loss.png and lr.png (per update), and
+report.md, whose table puts every run beside the largest one.
 """
 import glob
 import json
@@ -20,7 +21,7 @@ import re
 import sys
 import time
 
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import add_runtime_arguments, fail_cleanly, load_heavy, make_parser, positive_int, start_runtime
 
 LINE = re.compile(r"\]\[(?P<tag>[^\]]+)\]\[INFO\] - (?P<body>.*)$")
 PARAMS = re.compile(r"num\. shared model params: ([\d,]+) \(num\. trained: ([\d,]+)\)")
@@ -135,40 +136,47 @@ def flops_per_image(model) -> int:
     return counter.get_total_flops()
 
 
-def inference_speed(model, batch_size: int = 64, batches: int = 3) -> tuple[float, str]:
-    """Images per second of the model's forward pass at ``batch_size`` on this machine's device (CUDA
-    if there is one), after one warm-up batch; returns (images/s, device)."""
+def inference_speeds(models: dict, runtime, batch_size: int = 64, rounds: int = 5, batches: int = 3) -> dict:
+    """Images/s of each model's forward pass at ``batch_size`` on the runtime's device and precision,
+    measured as ``make bench`` measures: one warm-up batch each, then ``rounds`` rounds in which every model
+    runs ``batches`` batches, the order rotated each round (so drift hits all alike); label -> {median,
+    min, max} over the rounds."""
+    import statistics
+
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device)
-    images = torch.randn(batch_size, 3, model.data_cfg.image_size, model.data_cfg.image_size, device=device)
-    with torch.no_grad():
-        model(images)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(batches):
-            model(images)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return batch_size * batches / (time.perf_counter() - start), device
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    inputs = {}
+    for label, model in models.items():
+        size = model.data_cfg.image_size
+        inputs[label] = torch.randn(batch_size, 3, size, size, device=runtime.device)
+        models[label] = model.to(runtime.device).eval()
+    rates = {label: [] for label in models}
+    labels = list(models)
+    with torch.no_grad(), runtime.autocast():
+        for label in labels:
+            models[label](inputs[label])  # warm-up
+        for r in range(rounds):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                sync()
+                start = time.perf_counter()
+                for _ in range(batches):
+                    models[label](inputs[label])
+                sync()
+                rates[label].append(batch_size * batches / (time.perf_counter() - start))
+    return {label: {"median": statistics.median(v), "min": min(v), "max": max(v)} for label, v in rates.items()}
 
 
-def model_costs(run_dir: str, batch_size: int = 64, speed: bool = True) -> dict:
-    """Encoder parameters, GFLOPs per image and inference images/s of the run's fine-tuned model."""
+def model_costs(run_dir: str) -> tuple[dict, object]:
+    """(encoder parameters and GFLOPs per image of the run's fine-tuned model, the model) or Nones."""
     from d2v_plugin.inference import load_classifier
 
     path = run_checkpoint(run_dir)
     if path is None:
-        return {"checkpoint": None, "encoder_params": None, "gflops": None, "infer_images_per_s": None,
-                "device": None}
+        return {"checkpoint": None, "encoder_params": None, "gflops": None}, None
     model = load_classifier(path)
-    costs = {"checkpoint": path, "encoder_params": sum(p.numel() for p in model.encoder.parameters()),
-             "gflops": flops_per_image(model) / 1e9, "infer_images_per_s": None, "device": None}
-    if speed:
-        costs["infer_images_per_s"], costs["device"] = inference_speed(model, batch_size)
-    return costs
+    return {"checkpoint": path, "encoder_params": sum(p.numel() for p in model.encoder.parameters()),
+            "gflops": flops_per_image(model) / 1e9}, model
 
 
 def _top1_over_time(run):
@@ -250,6 +258,12 @@ def _ratio(value, reference, spec=".2f"):
     return "n/a" if value is None or not reference else format(value / reference, spec)
 
 
+def _speed(s) -> str:
+    if s.get("infer_images_per_s") is None:
+        return "n/a"
+    return f"{s['infer_images_per_s']:.1f} ({s['infer_min']:.1f}–{s['infer_max']:.1f})"
+
+
 def write_report(summaries, labels, out_dir):
     """report.md: one row per run, every run beside the largest model (the reference row)."""
     sized = [s for s in summaries if s.get("encoder_params")]
@@ -259,8 +273,9 @@ def write_report(summaries, labels, out_dir):
     lines = ["# Fine-tuning runs compared: accuracy against cost", "",
              f"Relative columns are against the largest model, **{ref_label}**. GFLOPs per image count 2 per "
              f"multiply-add (torch.utils.flop_counter); inference images/s measured at batch "
-             f"{summaries[0].get('batch_size', 64)} on {', '.join(devices) or 'n/a'}; training time and images/s "
-             "from fairseq's logs.", "",
+             f"{summaries[0].get('batch_size', 64)} on {', '.join(devices) or 'n/a'}: the median (min–max) of "
+             f"rounds in which every model ran, the order rotated; training time and images/s from fairseq's "
+             "logs.", "",
              "| run | encoder params | x params | GFLOPs/image | x GFLOPs | inference images/s | x speed | "
              "best top-1 (%) | top-1 vs largest | at update | epoch | best top-5 (%) | at update | updates | "
              "training time (h) | training images/s |",
@@ -270,7 +285,7 @@ def write_report(summaries, labels, out_dir):
         lines.append(
             f"| {label} | {_fmt(s.get('encoder_params'), ',')} | {_ratio(s.get('encoder_params'), ref.get('encoder_params'))} | "
             f"{_fmt(s.get('gflops'), '.4g')} | {_ratio(s.get('gflops'), ref.get('gflops'))} | "
-            f"{_fmt(s.get('infer_images_per_s'), '.1f')} | {_ratio(s.get('infer_images_per_s'), ref.get('infer_images_per_s'))} | "
+            f"{_speed(s)} | {_ratio(s.get('infer_images_per_s'), ref.get('infer_images_per_s'))} | "
             f"{_fmt(s['top1'], '.3f')} | {_fmt(gap, '+.3f')} | {_fmt(s['top1_update'], ',')} | {_fmt(s['top1_epoch'], 'd')} | "
             f"{_fmt(s['top5'], '.3f')} | {_fmt(s['top5_update'], ',')} | {s['updates']:,} | "
             f"{_fmt(s['wall_s'] / 3600.0 if s['wall_s'] else None, '.3f')} | {_fmt(s['images_per_s'], '.1f')} |")
@@ -283,14 +298,27 @@ def write_report(summaries, labels, out_dir):
     return path
 
 
-def compare(run_dirs, out_dir, labels=None, batch_size: int = 64, speed: bool = True) -> dict:
+def compare(run_dirs, out_dir, labels=None, batch_size: int = 64, speed: bool = True, runtime=None,
+            rounds: int = 5) -> dict:
     runs = [read_run(d) for d in run_dirs]
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     if len(labels) != len(runs):
         raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two runs have the same label ({', '.join(labels)}): give --labels")
     os.makedirs(out_dir, exist_ok=True)
-    summaries = [{**summarise(r), **model_costs(d, batch_size, speed), "batch_size": batch_size}
-                 for r, d in zip(runs, run_dirs)]
+    costs = {label: model_costs(d) for label, d in zip(labels, run_dirs)}
+    speeds = {}
+    if speed and runtime is not None:
+        speeds = inference_speeds({label: m for label, (_, m) in costs.items() if m is not None}, runtime, batch_size,
+                                  rounds)
+    summaries = []
+    for run, label in zip(runs, labels):
+        s = speeds.get(label)
+        summaries.append({**summarise(run), **costs[label][0], "batch_size": batch_size,
+                          "infer_images_per_s": s["median"] if s else None, "infer_min": s["min"] if s else None,
+                          "infer_max": s["max"] if s else None,
+                          "device": f"{runtime.device} {runtime.precision}" if s else None})
     plots = plot(runs, labels, out_dir)
     return {"report": write_report(summaries, labels, out_dir), "plots": plots, "runs": dict(zip(labels, summaries))}
 
@@ -300,12 +328,16 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="run folders (checkpoint.save_dir of each run)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per run (default: folder names)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch for the inference speed measurement")
     parser.add_argument("--no-speed", action="store_true", help="do not measure inference speed")
+    parser.add_argument("--speed-rounds", type=positive_int, default=5,
+                        help="rounds of the speed measurement (every model each round, the order rotated)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     load_heavy()
     with fail_cleanly():
-        result = compare(args.runs, args.out, args.labels, args.batch_size, not args.no_speed)
+        runtime = None if args.no_speed else start_runtime(args)
+        result = compare(args.runs, args.out, args.labels, args.batch_size, not args.no_speed, runtime,
+                         args.speed_rounds)
     print(f"wrote {result['report']} and {len(result['plots'])} plots")
     return 0
 

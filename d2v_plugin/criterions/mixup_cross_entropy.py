@@ -19,7 +19,7 @@ from omegaconf import II
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from d2v_plugin.evaluation import topk_correct
+from d2v_plugin.evaluation.metrics import topk_correct
 from d2v_plugin.names import CRITERION_NAME
 
 

@@ -40,9 +40,14 @@ from d2v_plugin.limits import LIMITS, env_name
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "folder", "parquet", "wds")
-SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val")}
+# the names a validation split goes by: fairseq's default dataset.valid_subset is "valid", Hugging Face's
+# "validation", ImageNet folders' "val"
+SPLIT_ALIASES = {name: (name, *(n for n in ("val", "validation", "valid") if n != name))
+                 for name in ("val", "validation", "valid")}
 CACHE_VERSION = 3  # 2: keys split at the first dot of the member's file name; 3: labels checked, damage kept
 ON_BAD_IMAGE = ("skip", "error")
+TASK_SETTINGS = {"data": "task.data", "data_format": "task.data_format"}  # how messages name the settings
+COMMAND_FLAGS = {"data": "--data", "data_format": "--data-format"}  # ... when a command was given them
 
 
 def split_names(split: str) -> tuple:
@@ -87,7 +92,7 @@ def _find(root: str, split: str, suffix: str) -> list[str]:
     return []
 
 
-def detect_format(root: str, split: str) -> str:
+def detect_format(root: str, split: str, names: dict = TASK_SETTINGS) -> str:
     """What ``task.data`` holds for this split: an image-folder tree, Parquet files or tar shards."""
     if "{" not in root and any(os.path.isdir(os.path.join(root, n)) and not _find(root, split, ".parquet")
                                and not _find(root, split, ".tar") for n in split_names(split)):
@@ -96,26 +101,27 @@ def detect_format(root: str, split: str) -> str:
         return "parquet"
     if _find(root, split, ".tar"):
         return "wds"
-    raise DataError(f"split folder not found: {os.path.join(root, split)} (expected <task.data>/{split}/<class>/<image>, "
-                    f"or Parquet files {split}-*.parquet or tar shards {split}-*.tar in task.data)")
+    raise DataError(f"split folder not found: {os.path.join(root, split)} (expected <{names['data']}>/{split}/<class>/"
+                    f"<image>, or Parquet files {split}-*.parquet or tar shards {split}-*.tar in {names['data']})")
 
 
 def open_split(root: str, split: str, classes: list[str] | None = None, cache_dir: str | None = None,
-               data_format: str = "auto", on_bad_image: str = "skip"):
+               data_format: str = "auto", on_bad_image: str = "skip", names: dict = TASK_SETTINGS):
     """The split as a sample source, whatever holds it. ``classes``: the train split's, None for train.
-    ``on_bad_image``: what a damaged container does (error: stop naming it; skip: report what is lost)."""
+    ``on_bad_image``: what a damaged container does (error: stop naming it; skip: report what is lost).
+    ``names``: how messages name the data settings (the task's, or a command's flags)."""
     if on_bad_image not in ON_BAD_IMAGE:
         raise DataError(f"task.on_bad_image={on_bad_image!r}: use skip or error")
     if data_format not in FORMATS:
-        raise DataError(f"task.data_format={data_format!r}: use one of {', '.join(FORMATS)}")
-    fmt = detect_format(root, split) if data_format == "auto" else data_format
+        raise DataError(f"{names['data_format']}={data_format!r}: use one of {', '.join(FORMATS)}")
+    fmt = detect_format(root, split, names) if data_format == "auto" else data_format
     if fmt == "folder":
         name = next((n for n in split_names(split) if os.path.isdir(os.path.join(root, n))), split)
         return index_split(root, name, classes=classes, cache_dir=cache_dir)
     files = _find(root, split, ".parquet" if fmt == "parquet" else ".tar")
     if not files:
-        raise DataError(f"task.data={root}: no {'Parquet files' if fmt == 'parquet' else 'tar shards'} for split "
-                        f"'{split}' (task.data_format={data_format})")
+        raise DataError(f"{names['data']}={root}: no {'Parquet files' if fmt == 'parquet' else 'tar shards'} for "
+                        f"split '{split}' ({names['data_format']}={data_format})")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise DataError(f"{missing[0]}: shard not found ({len(missing)} of the {len(files)} the pattern names)")

@@ -186,6 +186,19 @@ class Data2Vec2ImageEncoder(nn.Module):
             x = block(x)
         return x
 
+    def block_outputs(self, images: torch.Tensor, blocks) -> dict[int, torch.Tensor]:
+        """Tokens [B, 1 + num_patches, D] after each of ``blocks`` (numbered 1..depth: block ``depth``'s
+        output is what ``extract_features`` gives), from one pass that stops after the last one asked for."""
+        wanted = sorted(set(int(b) for b in blocks))
+        if not wanted or wanted[0] < 1 or wanted[-1] > len(self.blocks):
+            raise ValueError(f"blocks {wanted}: the encoder has blocks 1..{len(self.blocks)}")
+        x, out = self.embed(images), {}
+        for number, block in enumerate(self.blocks[:wanted[-1]], start=1):
+            x = block(x)
+            if number in wanted:
+                out[number] = x
+        return out
+
     forward = extract_features
 
 

@@ -1,0 +1,107 @@
+"""Weighted k-nearest-neighbour classification of cached features (DINO's and DINOv2's kNN evaluation):
+L2-normalised features, every query votes with its k most cosine-similar training images, each weighted
+exp(similarity / T). Several k are answered by one search (the k largest of them, cut).
+
+At ImageNet size: similarities and the running top-k are computed on the device in chunks (a chunk of
+training rows read from the memory-mapped store, against every query), so memory is bounded by the
+chunk sizes and never N_val x N_train; the training rows are split over the ranks in chunks (chunk c to
+rank c % ranks, DINOv2's scheme), each rank's best candidates are gathered and merged. Chunks and ties
+are fixed by the rows' global order, so any number of ranks gives exactly one rank's answer.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2v_plugin.evaluation.metrics import fraction
+from d2v_plugin.evaluation.runtime import Runtime
+
+TRAIN_CHUNK = 65_536
+QUERY_CHUNK = 4_096
+
+
+def _merge(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates of each row, ordered by similarity, ties by the training row's index
+    (so the answer does not depend on the order candidates arrive in)."""
+    order = idx.argsort(dim=1, stable=True)
+    sims, idx = sims.gather(1, order), idx.gather(1, order)
+    order = sims.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return sims.gather(1, order), idx.gather(1, order)
+
+
+def _rows(features, rows: slice, device, dtype) -> torch.Tensor:
+    """Training rows of a view (a memory-mapped array or a tensor), L2-normalised on the device."""
+    block = features[rows]
+    block = torch.from_numpy(np.ascontiguousarray(block)) if isinstance(block, np.ndarray) else block
+    return F.normalize(block.to(device=device, dtype=torch.float32), dim=-1).to(dtype)
+
+
+class Neighbours(NamedTuple):
+    sims: torch.Tensor  # [Q, k] cosine similarities, best first
+    labels: torch.Tensor  # [Q, k] their training labels
+    index: torch.Tensor  # [Q, k] their rows in the training split
+    k: int  # the k used (at most the training images there are)
+
+
+def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runtime: Runtime,
+            train_chunk: int = TRAIN_CHUNK, query_chunk: int = QUERY_CHUNK) -> Neighbours:
+    """Each query's k nearest training rows (rows labelled -1, unreadable images, left out), over every
+    rank's chunks of ``train`` (array-like [N, D])."""
+    device = runtime.device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPUs multiply fp16 slowly
+    labels_all = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
+    q = F.normalize(queries.to(device=device, dtype=torch.float32), dim=-1).to(dtype)
+    n_q, k = len(q), min(k, int((labels_all >= 0).sum()))
+    best_s = torch.full((n_q, k), -float("inf"), device=device)
+    best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
+    chunks = range(0, len(labels_all), train_chunk)
+    for c, start in enumerate(chunks):
+        if c % runtime.world != runtime.rank:
+            continue
+        stop = min(start + train_chunk, len(labels_all))
+        rows = _rows(train, slice(start, stop), device, dtype)
+        valid = (labels_all[start:stop] >= 0).to(device)
+        ids = torch.arange(start, stop, device=device)
+        for qs in range(0, n_q, query_chunk):
+            sims = (q[qs:qs + query_chunk] @ rows.T).float()
+            sims[:, ~valid] = -float("inf")
+            top = sims.topk(min(k, sims.shape[1]), dim=1)
+            cand_s = torch.cat([best_s[qs:qs + query_chunk], top.values], dim=1)
+            cand_i = torch.cat([best_i[qs:qs + query_chunk], ids[top.indices]], dim=1)
+            best_s[qs:qs + query_chunk], best_i[qs:qs + query_chunk] = _merge(cand_s, cand_i, k)
+    if runtime.distributed:
+        best_s, best_i = _merge(torch.cat(runtime.gather(best_s), 1).to(device),
+                                torch.cat(runtime.gather(best_i), 1).to(device), k)
+    found = best_i >= 0
+    return Neighbours(best_s, torch.where(found, labels_all.to(device)[best_i.clamp(min=0)], -1), best_i, k)
+
+
+def vote(sims: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int, temperature: float) -> torch.Tensor:
+    """Class scores [Q, C] of the k nearest: sum of exp(similarity / T) per class."""
+    weights = (sims[:, :k] / temperature).exp() * (labels[:, :k] >= 0)
+    votes = torch.zeros(len(sims), num_classes, device=sims.device)
+    return votes.scatter_add_(1, labels[:, :k].clamp(min=0), weights)
+
+
+def knn_probe(train, train_labels, queries: torch.Tensor, query_labels: np.ndarray, num_classes: int, ks,
+              temperature: float, runtime: Runtime) -> list[dict]:
+    """One result per k: top-1 / top-5 of the queries (those with a label >= 0) as fractions."""
+    from d2v_plugin.evaluation.metrics import topk_correct
+
+    start = time.perf_counter()
+    keep = np.asarray(query_labels) >= 0
+    queries, target = queries[torch.from_numpy(keep)], torch.from_numpy(np.asarray(query_labels)[keep])
+    sims, labels, _, k_max = nearest(train, train_labels, queries, max(ks), runtime)
+    target = target.to(sims.device)
+    out = []
+    for k in ks:
+        used = min(k, k_max)
+        top1, top5 = (int(c) for c in topk_correct(vote(sims, labels, used, num_classes, temperature), target))
+        out.append({"k": used, "k_asked": k, "top1": fraction(top1, len(target)),
+                    "top5": fraction(top5, len(target)), "n": len(target)})
+    search_s = round(time.perf_counter() - start, 3)
+    return [{**r, "search_s": search_s} for r in out]

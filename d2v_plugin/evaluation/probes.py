@@ -1,0 +1,184 @@
+"""What every cached-feature probe does first: the encoder of a file, its splits, and their features
+in the store (extracted where they are not there yet), read back as views of the chosen entries.
+Then the probes themselves (``knn``, ``linear``, ``fewshot``), one module each, run on these views."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from d2v_plugin.evaluation.features import FeatureSpec, FeatureStore, split_features
+from d2v_plugin.evaluation.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def default_store_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "d2v_plugin", "features")
+
+
+class View:
+    """Rows of a store's features, the entries at ``positions`` concatenated: [N, len(positions) * D],
+    read from disk only for the rows asked for (``view[start:stop]``)."""
+
+    def __init__(self, store: FeatureStore, positions: list[int]):
+        self.store, self.positions = store, list(positions)
+        self._features = store.features()
+
+    def __len__(self) -> int:
+        return self.store.n
+
+    @property
+    def dim(self) -> int:
+        return len(self.positions) * self.store.dim
+
+    def __getitem__(self, rows) -> np.ndarray:
+        block = self._features[rows]
+        return block[:, self.positions, :].reshape(block.shape[0], -1)
+
+
+@dataclass
+class SplitFeatures:
+    split: str
+    store: FeatureStore
+    labels: np.ndarray
+    cost: dict
+
+    def view(self, positions) -> View:
+        return View(self.store, positions)
+
+
+@dataclass
+class CachedFeatures:
+    """A checkpoint's features of some splits, and what they are of."""
+
+    checkpoint: str
+    spec: FeatureSpec
+    classes: list
+    splits: dict = field(default_factory=dict)
+    depth: int = 0
+    temporary: str | None = None
+
+    def describe(self) -> dict:
+        return {"checkpoint": self.checkpoint, "features": self.spec.describe(), "depth": self.depth}
+
+    def close(self, runtime: Runtime) -> None:
+        if self.temporary and runtime.is_main:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+
+
+def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, block: str = "last", pool: str = "mean",
+                    sweep: bool = False, prefix: str | None = None, trust: bool = False, num_heads=None, norm_eps=None,
+                    image_size=None, crop_ratio=None, data_format: str = "auto", index_cache=None, store=None,
+                    batch_size: int = 64, workers=None, names=None, chunk: int = 2048) -> CachedFeatures:
+    """The features of ``splits`` (the first one's classes are the label ids) of a checkpoint's encoder,
+    from the store (``store``: its folder; ``"none"``: a temporary one, removed by ``close``)."""
+    from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
+    from d2v_plugin.inference import load_encoder
+
+    encoder, data_cfg, ckpt = load_encoder(checkpoint, trust=trust, prefix=prefix, num_heads=num_heads,
+                                           norm_eps=norm_eps, image_size=image_size, crop_ratio=crop_ratio)
+    depth = encoder.cfg.depth
+    spec = FeatureSpec.all_blocks(pool, depth) if sweep else FeatureSpec.parse(block, pool, depth)
+    temporary = None
+    if store == "none":
+        if runtime.distributed:
+            raise ValueError("--cache none keeps the features in a folder of one process: with several ranks give "
+                             "a --cache folder they share")
+        store = temporary = tempfile.mkdtemp(prefix="d2v_features_")
+    store = store or default_store_dir()
+    choice = {"prefix": prefix, "num_heads": encoder.cfg.num_heads, "norm_eps": encoder.cfg.norm_eps}
+    result = CachedFeatures(checkpoint, spec, [], depth=depth, temporary=temporary)
+    for k, split in enumerate(splits):
+        index = open_split(data, split, classes=result.classes or None, cache_dir=index_cache,
+                           data_format=data_format, names=names or COMMAND_FLAGS)
+        if k == 0:
+            result.classes = list(index.classes)
+        split_store, cost = split_features(encoder, checkpoint, choice, index, data_cfg, spec, runtime, store,
+                                           batch_size, workers, desc=f"{split} features", chunk=chunk)
+        result.splits[split] = SplitFeatures(split, split_store, split_store.labels(), cost)
+    return result
+
+
+def features_from_args(args, runtime: Runtime, sweep: bool = False) -> CachedFeatures:
+    """The train and val features a probe command's flags ask for (cli.knn, cli.probe)."""
+    return cached_features(args.checkpoint, args.data, [args.train_split, args.val_split], runtime,
+                           block=args.block, pool=args.pool, sweep=sweep, prefix=args.prefix,
+                           trust=args.trust_checkpoint, num_heads=args.num_heads, norm_eps=args.norm_eps,
+                           image_size=args.image_size, crop_ratio=args.crop_ratio, data_format=args.data_format,
+                           index_cache=args.cache_dir, store=args.cache, batch_size=args.batch_size,
+                           workers=args.workers, chunk=args.store_chunk)
+
+
+def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str = "train"):
+    """Each result with what it is of: the checkpoint, the features, the device, the extraction's cost."""
+    train = feats.splits[train_split]
+    n_train = int((train.labels >= 0).sum())
+    extract = round(sum(s.cost["extract_s"] for s in feats.splits.values()), 3)
+    stores = [s.cost["store"] for s in feats.splits.values()]
+    for r in results:
+        yield {**r, "n_train": n_train, **feats.describe(), **runtime.describe(), "extract_s": extract,
+               "features_in": stores}
+
+
+def knn_from_args(args, runtime: Runtime) -> list[dict]:
+    """``cli.knn``'s run: features of the train and val splits, then one result per k."""
+    feats = features_from_args(args, runtime)
+    try:
+        n_train = int((feats.splits[args.train_split].labels >= 0).sum())
+        if max(args.k) > n_train and runtime.is_main:
+            logger.warning(f"--k {max(args.k)} is more than the {n_train} train images: k = {n_train} is used")
+        results = run_probes(feats, ["knn"], runtime, train_split=args.train_split, val_split=args.val_split,
+                             ks=args.k, temperature=args.temperature)
+        return list(described(results, feats, runtime, args.train_split))
+    finally:
+        feats.close(runtime)
+
+
+PROBES = ("knn", "linear", "fewshot")
+
+
+def parse_probes(text: str) -> list[str]:
+    names = [p for p in text.replace(" ", "").split(",") if p]
+    unknown = [p for p in names if p not in PROBES]
+    if unknown or not names:
+        raise ValueError(f"--probes {text!r}: choose from {', '.join(PROBES)} (comma-separated)")
+    return names
+
+
+def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: str = "train", val_split: str = "val",
+               ks=(20,), temperature: float = 0.07, linear=None, shots=None, seeds=None, lam=None,
+               sweep: bool = False):
+    """Each probe on the cached features (every block's, with ``sweep``): yields one result per probe and k /
+    shot count (and block), with the probe's time in it. kNN runs on every rank (the train rows split over
+    them); the linear and few-shot probes on rank 0, whose results are the ones printed."""
+    import torch
+
+    from d2v_plugin.evaluation import fewshot, knn
+    from d2v_plugin.evaluation.linear import LinearSettings, linear_probe
+
+    train, val = feats.splits[train_split], feats.splits[val_split]
+    classes = len(feats.classes)
+    blocks = feats.spec.blocks if sweep else [None]
+    for block in blocks:
+        positions = feats.spec.of_block(block) if block is not None else list(range(len(feats.spec.entries)))
+        where = {"block": block} if block is not None else {}
+        train_view, val_view = train.view(positions), val.view(positions)
+        queries = torch.from_numpy(np.ascontiguousarray(val_view[:]))
+        if "knn" in probes:
+            for r in knn.knn_probe(train_view, train.labels, queries, val.labels, classes, ks, temperature, runtime):
+                yield {**r, "probe": "knn", "temperature": temperature, **where}
+        if not runtime.is_main or not ({"linear", "fewshot"} & set(probes)):
+            continue
+        train_x = torch.from_numpy(np.ascontiguousarray(train_view[:]))
+        if "linear" in probes:
+            yield {**linear_probe(train_x, train.labels, queries, val.labels, classes, linear or LinearSettings(),
+                                  runtime), **where}
+        if "fewshot" in probes and not sweep:
+            for r in fewshot.fewshot_probe(train_x, train.labels, queries, val.labels, classes, runtime,
+                                           shots or fewshot.SHOTS, seeds or fewshot.SEEDS, lam or fewshot.LAMBDA):
+                yield {**r, **where}

@@ -1,0 +1,192 @@
+"""Evaluation at the scale users have: devices and precision, several ranks under torchrun, a feature store
+that survives a kill and is keyed on everything that changes the features, kNN with several k in one pass
+and bounded memory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, VENV_BIN, run, tiny_encoder, train_cmd
+from d2v_plugin.demo_data import write_random_images
+from d2v_plugin.evaluation import features as features_module
+from d2v_plugin.evaluation.knn import knn_probe, nearest
+from d2v_plugin.evaluation.probes import cached_features
+from d2v_plugin.evaluation.runtime import Runtime, start
+from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Random-colour images (27 train, 15 val: not a multiple of 2 ranks), a tiny data2vec checkpoint and a
+    short fine-tuned run of it."""
+    root = tmp_path_factory.mktemp("evaluation")
+    write_random_images(str(root / "images"), classes=3, per_class={"train": 9, "val": 5}, size=24)
+    save_data2vec_checkpoint(tiny_encoder(), str(root / "init.pt"), prenet_depth=2)
+    result = run(train_cmd(root, root / "images", root / "run", "dataset.num_workers=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def torchrun(*args, port):
+    return subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m",
+                           *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STRIP = ("seconds", "images_per_s", "ranks", "search_s", "extract_s", "features_in")
+
+
+def results(stdout):
+    return [{k: v for k, v in json.loads(line).items() if k not in STRIP} for line in stdout.strip().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_give_one_ranks_results(tiny):
+    data = ["--data", tiny / "images", "--workers", "1"]
+    best = tiny / "run" / "checkpoint_best.pt"
+    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.evaluate", best, *data], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    two = torchrun("d2v_plugin.cli.evaluate", best, *data, port=free_port())
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert results(one.stdout) == results(two.stdout) and results(one.stdout)[0]["n"] == 15  # 8 + 7 images
+    assert json.loads(two.stdout)["ranks"] == 2 and len(two.stdout.strip().splitlines()) == 1  # rank 0 prints
+    knn = ["--k", "3", "5", "--cache"]
+    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    two = torchrun("d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f2", port=free_port())
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert results(one.stdout) == results(two.stdout) and [r["k"] for r in results(one.stdout)] == [3, 5]
+
+
+def test_knn_across_ranks_and_chunks_is_exactly_one_pass(tiny):
+    runtime = start("cpu")
+    feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,
+                            store=str(tiny / "f_chunks"))
+    train, val = feats.splits["train"], feats.splits["val"]
+    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    whole = nearest(train.view([0]), train.labels, queries, 5, runtime)
+    small = nearest(train.view([0]), train.labels, queries, 5, runtime, train_chunk=4, query_chunk=3)
+    assert torch.equal(whole.index, small.index) and torch.allclose(whole.sims, small.sims, atol=1e-6)
+    # against brute force: cosine similarities of every pair (memory N_val x N_train, fine at this size)
+    tf = torch.nn.functional.normalize(torch.from_numpy(np.array(train.view([0])[:])).float(), dim=-1)
+    qf = torch.nn.functional.normalize(queries.float(), dim=-1)
+    top = (qf @ tf.T).topk(5, dim=1)
+    assert torch.equal(whole.index, top.indices) and torch.allclose(whole.sims, top.values, atol=1e-6)
+
+
+def test_several_k_in_one_pass_give_what_separate_runs_give(tiny):
+    runtime = start("cpu")
+    feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,
+                            store=str(tiny / "f_k"))
+    train, val = feats.splits["train"], feats.splits["val"]
+    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    together = knn_probe(train.view([0]), train.labels, queries, val.labels, 3, [1, 3, 10], 0.07, runtime)
+    alone = [knn_probe(train.view([0]), train.labels, queries, val.labels, 3, [k], 0.07, runtime)[0] for k in (1, 3, 10)]
+    drop = ("search_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in together] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in alone]
+
+
+def store_of(tiny, tmp_path, **settings):
+    runtime = start("cpu", settings.pop("precision", None))
+    feats = cached_features(str(settings.pop("checkpoint", tiny / "init.pt")), str(tiny / "images"), ["val"], runtime,
+                            store=str(tmp_path / "stores"), **settings)
+    return feats.splits["val"].store
+
+
+def test_every_setting_that_changes_the_features_makes_another_store_and_the_same_ones_reuse_it(tiny, tmp_path,
+                                                                                                 monkeypatch):
+    base = store_of(tiny, tmp_path)
+    bare = tmp_path / "bare.pt"  # a state dict records no heads or eps: --num-heads / --norm-eps choose them
+    torch.save(tiny_encoder().state_dict(), bare)
+    others = {"prefix": store_of(tiny, tmp_path, prefix=""), "bare": store_of(tiny, tmp_path, checkpoint=bare),
+              "num_heads": store_of(tiny, tmp_path, checkpoint=bare, num_heads=2),
+              "norm_eps": store_of(tiny, tmp_path, checkpoint=bare, norm_eps=1e-3),
+              "block": store_of(tiny, tmp_path, block="3"), "pool": store_of(tiny, tmp_path, pool="cls"),
+              "crop ratio": store_of(tiny, tmp_path, crop_ratio=0.5), "precision": store_of(tiny, tmp_path,
+                                                                                            precision="bf16"),
+              "checkpoint": store_of(tiny, tmp_path, checkpoint=tiny / "run" / "checkpoint_best.pt")}
+    folders = [base.folder] + [s.folder for s in others.values()]
+    assert len(set(folders)) == len(folders), others
+    # the prefix names the same encoder here; num_heads and eps compute other features from the same weights
+    assert np.array_equal(np.array(others["prefix"].features()), np.array(base.features()))
+    for name in ("num_heads", "norm_eps"):
+        assert not np.array_equal(np.array(others[name].features()), np.array(others["bare"].features()))
+    monkeypatch.setattr(features_module, "compute_entries", lambda *a, **k: pytest.fail("features recomputed"))
+    assert store_of(tiny, tmp_path).folder == base.folder  # the same settings: read back, not computed
+
+
+def test_a_corrupt_or_foreign_store_is_rebuilt_saying_why(tiny, tmp_path, caplog):
+    store = store_of(tiny, tmp_path)
+    expected = np.array(store.features())
+    meta = json.loads(open(os.path.join(store.folder, "meta.json")).read())
+    with open(os.path.join(store.folder, "meta.json"), "w") as f:
+        json.dump({**meta, "version": 0}, f)
+    with caplog.at_level("WARNING"):
+        again = store_of(tiny, tmp_path)
+    assert "rebuilding the feature store" in caplog.text and "written by another version" in caplog.text
+    assert np.array_equal(np.array(again.features()), expected)
+    with open(os.path.join(store.folder, "features.bin"), "r+b") as f:
+        f.truncate(10)  # cut short
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = store_of(tiny, tmp_path)
+    assert "features.bin does not have the" in caplog.text and np.array_equal(np.array(again.features()), expected)
+
+
+@pytest.mark.slow
+def test_a_killed_extraction_resumes_to_the_features_of_an_uninterrupted_one(tmp_path):
+    write_random_images(str(tmp_path / "images"), classes=2, per_class={"train": 300, "val": 2}, size=24)
+    save_data2vec_checkpoint(tiny_encoder(), str(tmp_path / "init.pt"), prenet_depth=2)
+    cmd = [sys.executable, "-m", "d2v_plugin.cli.knn", str(tmp_path / "init.pt"), "--data", str(tmp_path / "images"),
+           "--workers", "2", "--batch-size", "8", "--store-chunk", "16"]
+    whole = subprocess.run(cmd + ["--cache", str(tmp_path / "whole")], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(cmd + ["--cache", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    done = []
+    while time.time() < deadline and len(done) < 3:
+        time.sleep(0.02)
+        done = [d for d in (tmp_path / "killed").glob("*/done/*")]
+    os.killpg(proc.pid, signal.SIGKILL)  # the extraction and its workers, mid-way
+    proc.communicate()
+    stores = sorted((tmp_path / "killed").iterdir(), key=lambda p: -len(os.listdir(p / "done")))
+    train_store = stores[0]
+    assert 3 <= len(os.listdir(train_store / "done")) < 38, "killed too late to show a resume"  # 600 rows / 16
+    resumed = subprocess.run(cmd + ["--cache", str(tmp_path / "killed")], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "chunks there already" in resumed.stderr
+    for name in ("features.bin", "labels.bin"):
+        assert (train_store / name).read_bytes() == (tmp_path / "whole" / train_store.name / name).read_bytes()
+    assert json.loads(resumed.stdout)["top1"] == json.loads(whole.stdout)["top1"]
+
+
+def test_data_loading_workers_default_to_the_cores_at_most_8(monkeypatch):
+    from d2v_plugin.evaluation import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "available_cores", lambda: 64)
+    assert Runtime(torch.device("cpu"), "fp32").default_workers() == 8
+    assert Runtime(torch.device("cpu"), "fp32", world=8, local_world=8).default_workers() == 8
+    monkeypatch.setattr(runtime_module, "available_cores", lambda: 2)
+    assert Runtime(torch.device("cpu"), "fp32").default_workers() == 2
+    assert start("auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert start("cpu").precision == "fp32" and start("cpu", "bf16").precision == "bf16"
+    if not torch.cuda.is_available():  # this machine: asking for a GPU is an error naming the flag
+        with pytest.raises(ValueError, match="--device cuda:0: no CUDA device is available"):
+            start("cuda:0")
