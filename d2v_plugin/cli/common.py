@@ -119,6 +119,27 @@ def emit(runtime, record: dict) -> None:
         print(json.dumps(record), flush=True)
 
 
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None,
+                        help="also write the results, with the command's settings, to this JSON Lines file (put it "
+                             "in the run's folder, e.g. RUN/eval_val.jsonl: cli.compare shows them beside the run)")
+
+
+def write_results(path: str | None, command: str, records: list, args) -> None:
+    """The results as JSON Lines, each with the command and its settings (what a researcher keeps)."""
+    import json
+    import os
+
+    if not path:
+        return
+    from d2v_plugin.atomic import atomic_path
+
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    with atomic_path(os.path.abspath(path)) as tmp, open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps({"command": command, **record, "settings": settings}, default=str) + "\n")
+
+
 class NothingCounted(ValueError):
     """A command ran but had nothing to count: an error, not a result."""
 

@@ -167,15 +167,35 @@ def inference_speeds(models: dict, runtime, batch_size: int = 64, rounds: int = 
     return {label: {"median": statistics.median(v), "min": min(v), "max": max(v)} for label, v in rates.items()}
 
 
+def run_kind(ckpt) -> str:
+    """What a run trained: a fine-tuned classifier, a probe of a frozen encoder (linear / attentive), or
+    no classifier at all (a pretraining run)."""
+    if ckpt.head is None:
+        return "pretraining"
+    if not ckpt.model_cfg.get("freeze_encoder"):
+        return "fine-tune"
+    return "attentive probe" if ckpt.model_cfg.get("head") == "attentive" else "linear probe"
+
+
 def model_costs(run_dir: str) -> tuple[dict, object]:
-    """(encoder parameters and GFLOPs per image of the run's fine-tuned model, the model) or Nones."""
-    from d2v_plugin.inference import load_classifier
+    """(the run's kind, encoder parameters and GFLOPs per image of its model (the encoder alone for a
+    pretraining run), the model) or Nones."""
+    from d2v_plugin.inference import classifier_from_checkpoint, load_encoder
+    from d2v_plugin.models.checkpoints import read_checkpoint
 
     path = run_checkpoint(run_dir)
     if path is None:
-        return {"checkpoint": None, "encoder_params": None, "gflops": None}, None
-    model = load_classifier(path)
-    return {"checkpoint": path, "encoder_params": sum(p.numel() for p in model.encoder.parameters()),
+        return {"checkpoint": None, "encoder_params": None, "gflops": None, "kind": None}, None
+    ckpt = read_checkpoint(path)
+    kind = run_kind(ckpt)
+    if ckpt.head is None:
+        model, data_cfg, _ = load_encoder(path)
+        model.data_cfg = data_cfg
+        encoder = model
+    else:
+        model = classifier_from_checkpoint(ckpt)
+        encoder = model.encoder
+    return {"checkpoint": path, "kind": kind, "encoder_params": sum(p.numel() for p in encoder.parameters()),
             "gflops": flops_per_image(model) / 1e9}, model
 
 
@@ -241,13 +261,97 @@ def plot(runs, labels, out_dir):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # (a pretraining run has no validation top-1 to draw)
+            ax.legend()
         fig.tight_layout()
         path = os.path.join(out_dir, name)
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def read_results(run_dir: str) -> list[dict]:
+    """The results the commands wrote beside a run (``evaluate --out``, ``knn --out``, ``probe --out``:
+    JSON Lines in the run's folder), and its tracked pretraining probes (``track.jsonl``)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "*.jsonl"))):
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and ("command" in record or os.path.basename(path) == "track.jsonl"):
+                    out.append({**record, "source": os.path.basename(path)})
+    return out
+
+
+def result_columns(results: list[dict]) -> dict:
+    """column name -> top-1 (fraction) of a run's results, the newest of each kind: evaluations per
+    split and benchmark, kNN per k, the linear probe, few-shot per shot count (block sweeps left out)."""
+    columns = {}
+    for r in results:
+        if r.get("source") == "track.jsonl" or r.get("block") is not None or r.get("top1") is None:
+            continue
+        if r.get("command") == "evaluate":
+            name = f"{r.get('benchmark') or r.get('split', 'val')} top-1"
+        elif r.get("probe") == "knn":
+            name = f"kNN k={r['k']} top-1"
+        elif r.get("probe") == "linear":
+            name = "linear probe top-1"
+        elif r.get("probe") == "fewshot":
+            name = f"{r['shots']}-shot top-1"
+        else:
+            continue
+        columns[name] = r["top1"]
+    return columns
+
+
+def write_results_table(results_by_run: dict) -> list[str]:
+    """The cheap measures and other sets beside each run's fine-tuned top-1 (as fractions, as the commands
+    print them)."""
+    columns = {label: result_columns(r) for label, r in results_by_run.items()}
+    names = sorted({n for c in columns.values() for n in c}, key=lambda n: (not n.startswith("val"), n))
+    if not names:
+        return []
+    lines = ["## Probes and other sets", "",
+             "What `evaluate --out`, `knn --out` and `probe --out` wrote beside each run (top-1 as fractions of "
+             "the images counted; the newest result of each kind).", "",
+             "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, c in columns.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(c.get(n), ".4f") for n in names) + " |")
+    return lines + [""]
+
+
+def plot_tracks(results_by_run: dict, out_dir: str) -> str | None:
+    """Tracked pretraining runs side by side: top-1 against the update, one line per run and probe."""
+    series = {}
+    for label, results in results_by_run.items():
+        for r in results:
+            if r.get("source") != "track.jsonl" or r.get("update") is None or r.get("top1") is None:
+                continue
+            probe = r["probe"] + (f" k={r['k']}" if r.get("k") else "")
+            series.setdefault(f"{label}: {probe}", []).append((r["update"], 100 * r["top1"]))
+    if not series:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for name, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("pretraining update")
+    ax.set_ylabel("val top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "tracks_top1_vs_update.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _fmt(value, spec):
@@ -264,7 +368,7 @@ def _speed(s) -> str:
     return f"{s['infer_images_per_s']:.1f} ({s['infer_min']:.1f}–{s['infer_max']:.1f})"
 
 
-def write_report(summaries, labels, out_dir):
+def write_report(summaries, labels, out_dir, results_by_run=None, tracks=None):
     """report.md: one row per run, every run beside the largest model (the reference row)."""
     sized = [s for s in summaries if s.get("encoder_params")]
     ref = max(sized, key=lambda s: s["encoder_params"]) if sized else {}
@@ -276,20 +380,23 @@ def write_report(summaries, labels, out_dir):
              f"{summaries[0].get('batch_size', 64)} on {', '.join(devices) or 'n/a'}: the median (min–max) of "
              f"rounds in which every model ran, the order rotated; training time and images/s from fairseq's "
              "logs.", "",
-             "| run | encoder params | x params | GFLOPs/image | x GFLOPs | inference images/s | x speed | "
+             "| run | kind | encoder params | x params | GFLOPs/image | x GFLOPs | inference images/s | x speed | "
              "best top-1 (%) | top-1 vs largest | at update | epoch | best top-5 (%) | at update | updates | "
              "training time (h) | training images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, s in zip(labels, summaries):
         gap = None if s["top1"] is None or ref.get("top1") is None else s["top1"] - ref["top1"]
         lines.append(
-            f"| {label} | {_fmt(s.get('encoder_params'), ',')} | {_ratio(s.get('encoder_params'), ref.get('encoder_params'))} | "
+            f"| {label} | {s.get('kind') or 'n/a'} | {_fmt(s.get('encoder_params'), ',')} | {_ratio(s.get('encoder_params'), ref.get('encoder_params'))} | "
             f"{_fmt(s.get('gflops'), '.4g')} | {_ratio(s.get('gflops'), ref.get('gflops'))} | "
             f"{_speed(s)} | {_ratio(s.get('infer_images_per_s'), ref.get('infer_images_per_s'))} | "
             f"{_fmt(s['top1'], '.3f')} | {_fmt(gap, '+.3f')} | {_fmt(s['top1_update'], ',')} | {_fmt(s['top1_epoch'], 'd')} | "
             f"{_fmt(s['top5'], '.3f')} | {_fmt(s['top5_update'], ',')} | {s['updates']:,} | "
             f"{_fmt(s['wall_s'] / 3600.0 if s['wall_s'] else None, '.3f')} | {_fmt(s['images_per_s'], '.1f')} |")
-    lines += ["", "![validation top-1 against training time](top1_vs_time.png)", "",
+    lines += [""] + write_results_table(results_by_run or {})
+    if tracks:
+        lines += ["![pretraining runs tracked: probe top-1 against the update](tracks_top1_vs_update.png)", ""]
+    lines += ["![validation top-1 against training time](top1_vs_time.png)", "",
               "![validation top-1 per epoch](val_top1.png)", "", "![training loss](train_loss.png)", "",
               "![learning rate](lr.png)", ""]
     path = os.path.join(out_dir, "report.md")
@@ -320,7 +427,11 @@ def compare(run_dirs, out_dir, labels=None, batch_size: int = 64, speed: bool = 
                           "infer_max": s["max"] if s else None,
                           "device": f"{runtime.device} {runtime.precision}" if s else None})
     plots = plot(runs, labels, out_dir)
-    return {"report": write_report(summaries, labels, out_dir), "plots": plots, "runs": dict(zip(labels, summaries))}
+    results = {label: read_results(d) for label, d in zip(labels, run_dirs)}
+    tracks = plot_tracks(results, out_dir)
+    plots += [tracks] if tracks else []
+    return {"report": write_report(summaries, labels, out_dir, results, tracks), "plots": plots,
+            "runs": dict(zip(labels, summaries)), "results": {k: result_columns(v) for k, v in results.items()}}
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from d2v_plugin.cli.common import (NothingCounted, add_data_arguments, add_runtime_arguments, emit, fail_cleanly,
-                                   load_heavy, make_parser, ratio, start_runtime)
+from d2v_plugin.cli.common import (NothingCounted, add_data_arguments, add_out_argument, add_runtime_arguments, emit,
+                                   fail_cleanly, load_heavy, make_parser, ratio, start_runtime, write_results)
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-ratio", type=ratio, default=None,
                         help="resize the shorter side to size / ratio, centre-crop size (default: what the "
                              "checkpoint's training validated with)")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     load_heavy()
     from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
@@ -44,7 +45,10 @@ def main(argv=None) -> int:
         result = evaluate(model, index, runtime, args.batch_size, args.workers, desc=f"evaluate {args.split}")
         if result["n"] == 0:
             raise NothingCounted(f"no image of {index.split_dir} could be read: nothing was evaluated")
-        emit(runtime, {**result, "split": args.split, "accuracy_unit": "fraction"})
+        result = {**result, "split": args.split, "checkpoint": args.checkpoint, "accuracy_unit": "fraction"}
+        emit(runtime, result)
+        if runtime.is_main:
+            write_results(args.out, "evaluate", [result], args)
         runtime.close()
     return 0
 

@@ -17,8 +17,9 @@ accepts (data2vec 2.0, Lightning student, converted file, fine-tuned checkpoint,
 """
 import sys
 
-from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, emit, fail_cleanly, load_heavy,
-                                   make_parser, positive_float, positive_int, ratio, start_runtime)
+from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
+                                   load_heavy, make_parser, positive_float, positive_int, ratio, start_runtime,
+                                   write_results)
 
 
 def add_encoder_arguments(parser) -> None:
@@ -49,14 +50,18 @@ def main(argv=None) -> int:
                         help="neighbours voting (several: one search, one line each; DINOv2: 10 20 100 200)")
     parser.add_argument("--temperature", type=positive_float, default=0.07, help="votes weigh exp(similarity / T)")
     add_runtime_arguments(parser)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     load_heavy()
     from d2v_plugin.evaluation.probes import knn_from_args
 
     with fail_cleanly():
         runtime = start_runtime(args)
-        for record in knn_from_args(args, runtime):
+        records = knn_from_args(args, runtime)
+        for record in records:
             emit(runtime, record)
+        if runtime.is_main:
+            write_results(args.out, "knn", records, args)
         runtime.close()
     return 0
 

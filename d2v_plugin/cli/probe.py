@@ -20,8 +20,9 @@ the linear and few-shot probes and prints.
 """
 import sys
 
-from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, emit, fail_cleanly, load_heavy,
-                                   make_parser, nonnegative_int, positive_float, positive_int, ratio, start_runtime)
+from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
+                                   load_heavy, make_parser, nonnegative_int, positive_float, positive_int, ratio,
+                                   start_runtime, write_results)
 from d2v_plugin.cli.knn import add_encoder_arguments
 
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lambda", dest="lam", type=positive_float, default=LAMBDA,
                         help="few-shot: L2 weight of the logistic regression (mean loss + lambda/2 ||W||^2)")
     add_runtime_arguments(parser)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
@@ -82,8 +84,12 @@ def main(argv=None) -> int:
             results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
                                  ks=args.k, temperature=args.temperature, linear=linear, shots=args.shots,
                                  seeds=args.seeds, lam=args.lam, sweep=args.sweep_blocks)
+            records = []
             for record in described(results, feats, runtime, args.train_split):
                 emit(runtime, record)
+                records.append(record)
+            if runtime.is_main:
+                write_results(args.out, "probe", records, args)
         finally:
             feats.close(runtime)
         runtime.close()

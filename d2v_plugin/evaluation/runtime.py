@@ -106,6 +106,14 @@ class Runtime:
         torch.distributed.all_gather(out, tensor)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (a decision all ranks must share)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()

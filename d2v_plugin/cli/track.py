@@ -1,0 +1,100 @@
+"""Track a pretraining run's improvement over time: probe each checkpoint it writes, cheaply.
+
+    python -m d2v_plugin.cli.track RUN_DIR --data ROOT [--probes knn,linear] [--watch] [--poll 300]
+    torchrun --nproc_per_node=8 -m d2v_plugin.cli.track /runs/pretrain --data /data/imagenet --watch
+
+RUN_DIR: a pretraining run's folder (data2vec's fairseq run: checkpoint_N.pt, checkpoint_E_U.pt,
+checkpoint_last.pt; the thesis' Lightning run: *.ckpt; or encoder files). Each checkpoint's training
+step is read from the file itself; the checkpoints not probed yet are probed (the probes of cli.probe,
+on features cached for the checkpoint and removed after it), and the results are appended to
+RUN_DIR/track.jsonl (one line per checkpoint and probe result: the update, the file, the settings)
+and drawn in RUN_DIR/top1_vs_update.png. A rerun probes only new checkpoints; a file still being
+written is left until it is complete and stable. --watch polls for new checkpoints while pretraining
+runs elsewhere, until Ctrl-C or SIGTERM (which let the checkpoint in progress finish; track.jsonl is
+rewritten atomically, so it never holds a broken line). `cli.compare RUN_A RUN_B` draws two runs'
+tracks side by side.
+"""
+import signal
+import sys
+
+from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, fail_cleanly, load_heavy, make_parser,
+                                   positive_float, positive_int, ratio)
+
+
+def main(argv=None) -> int:
+    parser = make_parser(__doc__, "track")
+    parser.add_argument("run_dir", help="the pretraining run's folder")
+    add_data_arguments(parser, help="the dataset the probes use, as task.data, with train and val splits")
+    parser.add_argument("--probes", default="knn,linear", help="which probes of cli.probe, comma-separated")
+    parser.add_argument("--k", type=positive_int, nargs="+", default=[20], help="kNN: neighbours")
+    parser.add_argument("--temperature", type=positive_float, default=0.07, help="kNN: votes weigh exp(sim / T)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="linear: epochs over the cached features")
+    parser.add_argument("--block", default="last", help="the block read: 1..depth, last or last4")
+    parser.add_argument("--pool", default="mean", choices=("mean", "cls", "mean+cls"), help="the tokens pooled")
+    parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoints")
+    parser.add_argument("--crop-ratio", type=ratio, default=None, help="eval crop (default: 0.875)")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="default: the checkpoints'")
+    parser.add_argument("--cache", default=None,
+                        help="where each checkpoint's features are kept while it is probed (default: RUN_DIR/track)")
+    parser.add_argument("--store-chunk", type=positive_int, default=2048, help="rows of the feature store at a time")
+    parser.add_argument("--train-split", default="train", help="the split the probes learn from")
+    parser.add_argument("--val-split", default="val", help="the split they are scored on")
+    parser.add_argument("--watch", action="store_true", help="keep polling for new checkpoints")
+    parser.add_argument("--poll", type=positive_float, default=300.0, help="seconds between looks (--watch)")
+    parser.add_argument("--settle", type=positive_float, default=2.0,
+                        help="seconds a file must stay unchanged before it is read")
+    add_runtime_arguments(parser)
+    args = parser.parse_args(argv)
+    load_heavy()
+    import os
+
+    from d2v_plugin.evaluation.linear import LinearSettings
+    from d2v_plugin.evaluation.probes import described, features_from_args, parse_probes, run_probes
+    from d2v_plugin.evaluation.runtime import start
+    from d2v_plugin.evaluation.tracking import Tracker
+
+    with fail_cleanly():
+        probes = parse_probes(args.probes)
+        runtime = start(args.device, args.precision)
+        linear = LinearSettings(epochs=args.epochs)
+        settings = {"probes": probes, "block": args.block, "pool": args.pool, "k": args.k,
+                    "data": os.path.realpath(args.data), "epochs": args.epochs, "crop_ratio": args.crop_ratio,
+                    "image_size": args.image_size, "prefix": args.prefix}
+
+        def probe(path, store):
+            run = argparse_copy(args, checkpoint=path, cache=store)
+            feats = features_from_args(run, runtime)
+            results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
+                                 ks=args.k, temperature=args.temperature, linear=linear)
+            return list(described(results, feats, runtime, args.train_split))
+
+        tracker = Tracker(args.run_dir, settings, probe, runtime, args.cache, args.settle)
+
+        def stop(signum, frame):
+            if tracker.stopping:
+                raise KeyboardInterrupt
+            tracker.stopping = True
+            print(f"track: {signal.Signals(signum).name}: stopping after the checkpoint in progress",
+                  file=sys.stderr, flush=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+        if args.watch:
+            tracker.watch(args.poll)
+        else:
+            probed = tracker.once()
+            if runtime.is_main:
+                print(f"track: {probed} new checkpoints probed; {os.path.join(args.run_dir, 'track.jsonl')}",
+                      file=sys.stderr)
+        runtime.close()
+    return 0
+
+
+def argparse_copy(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""A pretraining run's improvement over time: probe each of its checkpoints as it appears.
+
+The run's folder is searched for checkpoints (data2vec pretraining's ``checkpoint_N.pt``,
+``checkpoint_E_U.pt``, ``checkpoint_last.pt``, the thesis' Lightning ``*.ckpt``, encoder files); each
+one's training step is read from the file itself (its reader's ``step``: fairseq's
+``optimizer_history[-1]["num_updates"]``, Lightning's ``global_step``), never from its name. A file
+still being written is left for a later pass: a torch zip archive without its end record, or one whose
+size or modification time changed since the last look. Each update is probed once (with the same
+probes and features); the results are kept in ``track.jsonl`` in the run's folder, one line per
+checkpoint and probe result, in update order, rewritten atomically (a kill never leaves a broken
+line), and drawn in ``top1_vs_update.png``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+import zipfile
+
+from d2v_plugin.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+TRACK_FILE, PLOT_FILE = "track.jsonl", "top1_vs_update.png"
+PATTERNS = ("*.pt", "*.ckpt", "**/*.ckpt")
+
+
+def candidates(run_dir: str) -> list[str]:
+    """The files in a run's folder that may be checkpoints (not the tracker's own folder)."""
+    found = set()
+    for pattern in PATTERNS:
+        found.update(glob.glob(os.path.join(run_dir, pattern), recursive=True))
+    return sorted(p for p in found if os.path.isfile(p) and f"{os.sep}track{os.sep}" not in p)
+
+
+class Settling:
+    """Whether a file is complete: a zip archive with its end record, and either unchanged in size and
+    modification time since the previous look, or last modified more than ``settle_s`` seconds ago."""
+
+    def __init__(self, settle_s: float = 2.0):
+        self.settle_s, self.seen = settle_s, {}
+
+    def complete(self, path: str) -> bool | None:
+        """True, False (incomplete: not a whole zip archive), or None (changing or too fresh: look again)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        now, before = (st.st_size, st.st_mtime_ns), self.seen.get(path)
+        self.seen[path] = now
+        if before != now and time.time() - st.st_mtime < self.settle_s:
+            return None
+        return zipfile.is_zipfile(path) or not _looks_like_zip(path)  # an older torch.save pickle has no end record
+
+
+def _looks_like_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def read_track(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, TRACK_FILE)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    logger.warning(f"{path}: a line that is not JSON was left out: {line[:80]!r}")
+    return out
+
+
+def write_track(run_dir: str, lines: list[dict]) -> None:
+    lines = sorted(lines, key=lambda r: (r.get("update") is None, r.get("update") or 0, r.get("probe", ""),
+                                         r.get("k") or r.get("shots") or 0))
+    with atomic_path(os.path.join(run_dir, TRACK_FILE)) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def plot_track(run_dir: str, lines: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for r in lines:
+        if r.get("update") is None or "top1" not in r:
+            continue
+        label = r["probe"] + (f" k={r['k']}" if r.get("k") else f" {r['shots']}-shot" if r.get("shots") else "")
+        series.setdefault(label, []).append((r["update"], 100 * r["top1"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("pretraining update")
+    ax.set_ylabel("val top-1 (%)")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(run_dir, PLOT_FILE)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+class Tracker:
+    """Probes a run's new checkpoints; ``settings`` identify the probes (a change of them probes again)."""
+
+    def __init__(self, run_dir: str, settings: dict, probe, runtime, store_dir: str | None = None,
+                 settle_s: float = 2.0):
+        if not os.path.isdir(run_dir):
+            raise FileNotFoundError(f"run folder not found: {run_dir}")
+        self.run_dir, self.settings, self.probe, self.runtime = run_dir, settings, probe, runtime
+        self.store_dir = store_dir or os.path.join(run_dir, "track", "features")
+        self.settling = Settling(settle_s)
+        self.unusable: set = set()  # (path, size, mtime) of files that are not checkpoints of an encoder
+        self.stopping = False
+
+    def _done_updates(self, lines) -> set:
+        return {r["update"] for r in lines if r.get("settings") == self.settings}
+
+    def ready(self, wait: bool) -> list[tuple]:
+        """(update, path, identity, epoch) of the complete checkpoints, in update order; ``wait``: files too
+        fresh to tell are looked at again after the settling time (a single pass), else left for later."""
+        from d2v_plugin.evaluation.features import file_identity
+        from d2v_plugin.models.checkpoints import CheckpointError, read_checkpoint
+
+        paths = candidates(self.run_dir)
+        states = {p: self.settling.complete(p) for p in paths}
+        if wait and any(v is None for v in states.values()):
+            time.sleep(self.settling.settle_s)
+            states.update({p: self.settling.complete(p) for p, v in states.items() if v is None})
+        found = []
+        for path in (p for p, v in states.items() if v):
+            identity = file_identity(path)
+            key = (identity["path"], identity["size"], identity["mtime_ns"])
+            if key in self.unusable:
+                continue
+            try:
+                ckpt = read_checkpoint(path, mmap=True)
+            except (CheckpointError, ValueError) as err:
+                logger.warning(f"not tracked: {err}")
+                self.unusable.add(key)
+                continue
+            if ckpt.step is None:
+                logger.warning(f"not tracked: {path} records no training step")
+                self.unusable.add(key)
+                continue
+            found.append((int(ckpt.step), path, identity, ckpt.epoch))
+        return sorted(found)
+
+    def once(self, wait: bool = True) -> int:
+        """One pass: probe every complete checkpoint whose update is not tracked yet; returns how many.
+        Rank 0 decides which, and when to stop: every rank probes the same checkpoints together."""
+        found = self.runtime.broadcast(self.ready(wait) if self.runtime.is_main else None)
+        done = self._done_updates(read_track(self.run_dir))
+        probed = 0
+        for update, path, identity, epoch in found:
+            if update in done or self.runtime.broadcast(self.stopping if self.runtime.is_main else None):
+                continue
+            if self.runtime.is_main:
+                logger.warning(f"track: probing {path} (update {update:,})")
+            store = os.path.join(self.store_dir, str(update))
+            results = list(self.probe(path, store))
+            if self.runtime.is_main:
+                shutil.rmtree(store, ignore_errors=True)
+                new = [{"update": update, "epoch": epoch, "checkpoint": path, "file": identity,
+                        "settings": self.settings, **r} for r in results]
+                lines = read_track(self.run_dir) + new
+                write_track(self.run_dir, lines)
+                plot_track(self.run_dir, lines)
+            done.add(update)
+            probed += 1
+        return probed
+
+    def watch(self, poll_s: float) -> None:
+        """Passes every ``poll_s`` seconds until ``stopping`` is set (SIGTERM, Ctrl-C): between two passes
+        or two checkpoints, never inside the writing of track.jsonl."""
+        while not self.runtime.broadcast(self.stopping if self.runtime.is_main else None):
+            self.once(wait=False)
+            deadline = time.monotonic() + poll_s
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(min(0.2, poll_s))

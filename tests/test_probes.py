@@ -1,0 +1,163 @@
+"""The cheap comparison: probes on cached features with known answers, features of any block, and a
+pretraining run tracked over the checkpoints data2vec's own pretraining writes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_encoder
+from d2v_plugin.demo_data import write_random_images
+from d2v_plugin.evaluation.features import FeatureSpec, compute_entries
+from d2v_plugin.evaluation.fewshot import LAMBDA, draw, fewshot_probe
+from d2v_plugin.evaluation.linear import LinearSettings, linear_probe
+from d2v_plugin.evaluation.runtime import start
+
+
+def digits_pixels():
+    """scikit-learn's digits as 64 raw pixel features: small real features, split 1400 / 397."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    tr, va = order[:1400], order[1400:]
+    return torch.tensor(x[tr], dtype=torch.float32), y[tr], torch.tensor(x[va], dtype=torch.float32), y[va]
+
+
+def test_the_linear_probe_reaches_100_percent_on_features_made_linearly_separable():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) * 4
+    y = np.repeat(np.arange(5), 40)
+    x = centres[y] + 0.3 * torch.randn(len(y), 32, generator=g)
+    result = linear_probe(x[::2], y[::2], x[1::2], y[1::2], 5, LinearSettings(batch_size=32, epochs=10), start("cpu"))
+    assert result["top1"] == 1.0 and result["top5"] == 1.0 and result["n"] == 100
+
+
+def test_the_linear_probe_and_few_shot_agree_with_scikit_learns_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    tx, ty, vx, vy = digits_pixels()
+    runtime = start("cpu")
+    ours = linear_probe(tx, ty, vx, vy, 10, LinearSettings(batch_size=256, epochs=50), runtime)["top1"]
+    scaler = StandardScaler().fit(tx.numpy())  # the probe's BatchNorm standardises too
+    theirs = (LogisticRegression(max_iter=5000).fit(scaler.transform(tx.numpy()), ty)
+              .predict(scaler.transform(vx.numpy())) == vy).mean()
+    assert abs(ours - theirs) <= 0.01, (ours, theirs)
+    # few-shot: the same objective (mean loss + lambda/2 |W|^2 is C = 1 / (lambda n)), no intercept, on
+    # the drawn images' centred, row-normalised features
+    for shots in (2, 10):
+        got = fewshot_probe(tx, ty, vx, vy, 10, runtime, shots=(shots,), seeds=(1,))[0]["top1"]
+        rows = draw(ty, shots, 1)
+        mean = tx[rows].numpy().mean(0)
+
+        def prepare(a):
+            a = a - mean
+            return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+        model = LogisticRegression(C=1 / (LAMBDA * len(rows)), fit_intercept=False, max_iter=10000, tol=1e-10)
+        expected = (model.fit(prepare(tx[rows].numpy()), ty[rows]).predict(prepare(vx.numpy())) == vy).mean()
+        assert abs(got - expected) <= 0.01, (shots, got, expected)
+
+
+def test_the_lr_grid_picks_the_lr_a_separate_run_of_each_finds_best():
+    tx, ty, vx, vy = digits_pixels()
+    runtime = start("cpu")
+    lrs = (1e-3, 1e-2, 0.1, 1.0)
+    grid = linear_probe(tx, ty, vx, vy, 10, LinearSettings(lrs=lrs, weight_decays=(0.0,), batch_size=256, epochs=3),
+                        runtime)
+    alone = {lr: linear_probe(tx, ty, vx, vy, 10, LinearSettings(lrs=(lr,), weight_decays=(0.0,), batch_size=256,
+                                                                 epochs=3), runtime) for lr in lrs}
+    best = max(lrs, key=lambda lr: (alone[lr]["selection_top1"], -lr))  # ties: the smaller lr, as the grid
+    assert grid["lr"] == best and len({r["selection_top1"] for r in alone.values()}) > 1
+    assert grid["top1"] == alone[best]["top1"]  # each head trains as it would alone
+
+
+def test_block_features_are_that_blocks_output_and_last4_has_dinov2s_layout():
+    enc = tiny_encoder()  # 5 blocks
+    images = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = enc.embed(images)
+        outputs = []
+        for block in enc.blocks:
+            x = block(x)
+            outputs.append(x)
+        for k in (1, 3, 5):
+            got = compute_entries(enc, images, FeatureSpec.parse(str(k), "mean+cls", 5))
+            assert torch.allclose(got[:, 0], outputs[k - 1][:, 1:].mean(1)) and torch.allclose(got[:, 1], outputs[k - 1][:, 0])
+        assert torch.equal(compute_entries(enc, images, FeatureSpec.parse("last", "mean", 5))[:, 0],
+                           enc.extract_features(images)[:, 1:].mean(1))
+        spec = FeatureSpec.parse("last4", "mean", 5)
+        assert spec.entries == ((2, "cls"), (3, "cls"), (4, "cls"), (5, "cls"), (5, "mean"))
+        got = compute_entries(enc, images, spec)
+        expected = torch.stack([outputs[1][:, 0], outputs[2][:, 0], outputs[3][:, 0], outputs[4][:, 0],
+                                outputs[4][:, 1:].mean(1)], dim=1)
+        assert torch.allclose(got, expected)
+    assert FeatureSpec.all_blocks("cls", 5).blocks == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="--block 9: the encoder has blocks 1..5"):
+        FeatureSpec.parse("9", "mean", 5)
+
+
+# --- tracking a pretraining run -------------------------------------------------------------------
+
+def pretrain(data, save_dir, max_update):
+    """data2vec 2.0's own pretraining (fairseq examples/data2vec, tiny), a checkpoint every 2 updates."""
+    out = subprocess.run([sys.executable, "scripts/reference_train.py", "--config-dir", "scripts", "--config-name",
+                          "reference_pretrain", f"task.data={data}", f"checkpoint.save_dir={save_dir}",
+                          f"optimization.max_update={max_update}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def track(run_dir, data):
+    out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.track", str(run_dir), "--data", str(data),
+                          "--probes", "knn,linear", "--epochs", "2", "--workers", "1", "--settle", "0.2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+@pytest.mark.slow
+def test_track_probes_each_new_checkpoint_once_in_update_order_and_never_a_half_written_one(tmp_path):
+    import torch as _torch
+
+    data = tmp_path / "images"
+    write_random_images(str(data), classes=3, per_class={"train": 8, "val": 4}, size=32)
+    run_dir = tmp_path / "pretrain"
+    pretrain(data, run_dir, 6)  # checkpoint_1_2.pt, checkpoint_1_4.pt, checkpoint_last.pt (6)
+    track(run_dir, data)
+    lines = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    assert [(r["update"], r["probe"]) for r in lines] == [(u, p) for u in (2, 4, 6) for p in ("knn", "linear")]
+    for r in lines:  # the update is the file's own, not its name's
+        saved = _torch.load(r["checkpoint"], weights_only=False)
+        assert r["update"] == saved["optimizer_history"][-1]["num_updates"]
+    assert (run_dir / "top1_vs_update.png").stat().st_size > 1000
+    # the run goes on: a 4th checkpoint; and a 5th still being written (a copy cut short: no zip end record)
+    pretrain(data, run_dir, 8)  # resumes from checkpoint_last.pt: checkpoint_2_8.pt, checkpoint_last.pt (8)
+    later = tmp_path / "later"
+    shutil.copytree(run_dir, later, ignore=shutil.ignore_patterns("track*", "top1*"))
+    pretrain(data, later, 10)
+    whole = (later / "checkpoint_2_10.pt").read_bytes()
+    (run_dir / "checkpoint_2_10.pt").write_bytes(whole[: len(whole) // 2])
+    log = track(run_dir, data)
+    lines = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in lines] == [2, 2, 4, 4, 6, 6, 8, 8]  # 4 checkpoints x 2 probes, in update order
+    assert "checkpoint_2_10.pt" not in log.replace("not tracked", "")  # left for later, never half-read
+    (run_dir / "checkpoint_2_10.pt").write_bytes(whole)  # its writer finished
+    os.utime(run_dir / "checkpoint_2_10.pt", (1, 1))  # and a while ago
+    track(run_dir, data)
+    lines = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in lines] == [2, 2, 4, 4, 6, 6, 8, 8, 10, 10]
+    assert lines[-1]["checkpoint"].endswith("checkpoint_2_10.pt") and lines[-1]["file"]["size"] == len(whole)
+    # two tracked runs side by side
+    from d2v_plugin.cli import compare as compare_cli
+
+    shutil.copy(run_dir / "track.jsonl", later / "track.jsonl")
+    assert compare_cli.main([str(run_dir), str(later), "--out", str(tmp_path / "report"), "--no-speed",
+                             "--labels", "student A", "student B"]) == 0
+    assert (tmp_path / "report" / "tracks_top1_vs_update.png").stat().st_size > 1000
+    assert "tracks_top1_vs_update.png" in (tmp_path / "report" / "report.md").read_text()
