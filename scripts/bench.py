@@ -11,17 +11,18 @@ import json
 import os
 import time
 
-from benchmarks import end_to_end, optimizer_step, pipeline, startup, train_step, trainer_step
+from benchmarks import end_to_end, evaluation, optimizer_step, pipeline, probe_step, startup, train_step, trainer_step
 from benchmarks.common import REPO, RUNS, machine
 
 SECTIONS = {"startup": startup, "pipeline": pipeline, "train_step": train_step, "optimizer_step": optimizer_step,
-            "trainer_step": trainer_step, "end_to_end": end_to_end}
+            "trainer_step": trainer_step, "probe_step": probe_step, "evaluation": evaluation, "end_to_end": end_to_end}
 
 
 def write_markdown(results: dict, path: str):
     lines = ["# Benchmarks", "", f"Measured by `make bench` ({results['date']}) on: {results['machine']}.",
              f"Each figure: median (min–max) over {RUNS} runs, contenders interleaved, the order rotated each run.", ""]
-    for name in ("train_step", "trainer_step", "optimizer_step", "pipeline", "startup", "end_to_end"):
+    for name in ("train_step", "trainer_step", "probe_step", "optimizer_step", "pipeline", "startup", "evaluation",
+                 "end_to_end"):
         if name in results:
             lines += SECTIONS[name].report(results)
     lines += ["## GPU", "", results.get("gpu_note", "No GPU was lent to the task that wrote this file; "
@@ -45,6 +46,10 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
     args = parser.parse_args()
+    if args.worker and args.worker[0] == "knn_scale":
+        _, folder, n, dim, queries, device = args.worker
+        print(json.dumps(evaluation.knn_scale_worker(folder, int(n), int(dim), int(queries), device)))
+        return
     if args.worker and args.worker[0] == "train_step_pair":
         _, depth, batch, steps = args.worker
         print(json.dumps(train_step.train_step_pair_worker(int(depth), int(batch), int(steps), warmup=1)))
@@ -62,6 +67,7 @@ def main():
     measure = {"startup": startup.run, "pipeline": pipeline.run,
                "train_step": lambda: train_step.run(args.batch, args.steps),
                "optimizer_step": optimizer_step.run, "trainer_step": trainer_step.run,
+               "probe_step": lambda: probe_step.run(args.batch, args.steps), "evaluation": evaluation.run,
                "end_to_end": lambda: end_to_end.run(updates=120)}
     for name in SECTIONS:  # in this order: the slow sections last
         if name in args.only:

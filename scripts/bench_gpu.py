@@ -12,7 +12,9 @@ and the attention). Then: fairseq's adam against fused_adamw in ours (depth 4, b
 step is short and kernel launches count), host synchronisations in our step beyond fairseq's own
 (torch.cuda.set_sync_debug_mode), and task.device_decode on real encoded JPEG batches: the training step
 with no decode, with the decode prefetched one batch ahead (what training runs) and decoded inline, and
-the share of the decode's cost the prefetching hides. Writes DIR/bench_gpu.json; paste the figures into
+the share of the decode's cost the prefetching hides. Then the probe recipes' step (a frozen encoder)
+against fine-tuning, cli.evaluate's loop and the feature extraction in bf16 at batch 256, and kNN of 50,000
+queries over 1.28M x 768 synthetic fp16 features. Writes DIR/bench_gpu.json; paste the figures into
 BENCHMARKS.md with the hardware named.
 """
 import argparse
@@ -217,10 +219,30 @@ def main(argv=None) -> int:
     print(json.dumps({"device_decode": decode}), flush=True)
     syncs = host_syncs_in_our_code(trainer, prefetched) if device == "cuda" else None
     print(json.dumps({"host_syncs": syncs}), flush=True)
+    # probes: the Trainer step of the probe recipes (a frozen encoder) against fine-tuning, same model and batch
+    probes = trainer_step.probe_steps(4 if args.dry_run else 256, steps, device, precision,
+                                      depth=2 if args.dry_run else 12, rounds=1 if args.dry_run else 3, **sizes)
+    print(json.dumps({"probe_step": probes}), flush=True)
+    # evaluation: cli.evaluate's loop and the feature extraction in bf16 at batch 256 (16 data-loading
+    # workers), and kNN over ImageNet-sized synthetic features on the GPU
+    from benchmarks import evaluation
+
+    eval_root = os.path.join(work, "photos")
+    model = evaluation._setup(eval_root, count=8 if args.dry_run else 2048, depth=2 if args.dry_run else 12,
+                              width=sizes.get("width", 768), heads=sizes.get("heads", 12))
+    evaluate = evaluation.evaluate_rates(eval_root, model, device, "bf16", batch=4 if args.dry_run else 256,
+                                         workers=1 if args.dry_run else 16, rounds=1 if args.dry_run else 3)
+    print(json.dumps({"evaluate": evaluate}), flush=True)
+    knn = evaluation.knn_scale(os.path.join(work, "knn"), n=5000 if args.dry_run else evaluation.IMAGENET_TRAIN,
+                               dim=32 if args.dry_run else 768, queries=100 if args.dry_run else 50_000,
+                               device=device, sklearn_subset=2000 if args.dry_run else 100_000,
+                               sklearn_queries=50 if args.dry_run else 2_000)
+    print(json.dumps({"knn_scale": knn}), flush=True)
     with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "peak_tflops": peak, "rows": rows,
                    "optimizers": optimizers, "host_syncs": syncs, "device_decode": decode,
-                   "host_to_device_copy": copies}, f, indent=1)
+                   "host_to_device_copy": copies, "probe_step": probes, "evaluate": evaluate, "knn_scale": knn},
+                  f, indent=1)
     return 0
 
 

@@ -57,3 +57,27 @@ def test_the_gpu_benchmark_runs_on_the_cpu_in_its_dry_run(tmp_path):
     decode = written["device_decode"]  # the step with task.device_decode on real JPEG batches, prefetched or not
     assert set(decode["step_s"]) == {"no decode", "prefetched decode", "inline decode"}
     assert all(t > 0 for t in decode["step_s"].values()) and decode["decode_images_per_s"] > 0
+    assert set(written["probe_step"]["results"]) == {"distilled_imagenet", "linear_probe_imagenet",
+                                                     "attentive_probe_imagenet"}
+    assert all(r["median"] > 0 for r in written["evaluate"]["results"].values())
+    assert written["knn_scale"]["ours"]["queries_per_s"] > 0
+
+
+def test_the_evaluation_section_measures_ours_the_plain_loop_the_search_and_the_probes(benchmarks, tmp_path):
+    import benchmarks.evaluation as ev
+
+    root = str(tmp_path / "photos")
+    checkpoint = ev._setup(root, count=4, depth=1, width=64, heads=4)
+    rates = ev.evaluate_rates(root, checkpoint, "cpu", "fp32", batch=2, workers=1, rounds=1)
+    assert set(rates["results"]) == {"ours (cli.evaluate)", "plain ImageFolder loop", "feature extraction"}
+    assert all(r["median"] > 0 for r in rates["results"].values()) and rates["images"] == 4
+    features, labels = ev.synthetic_store(str(tmp_path), 3000, 32)
+    search = ev.knn_vs_sklearn(features, labels, queries=50)
+    assert search["ours"]["median"] > 0 and search["sklearn"]["median"] > 0
+    scale = ev.knn_scale(str(tmp_path / "scale"), n=5000, dim=32, queries=100, sklearn_subset=2000, sklearn_queries=50)
+    assert scale["ours"]["k"] == 20 and scale["ours"]["peak_rss_mib"] > 0
+    probes = ev.probe_costs(n_train=300, n_val=50, dim=16, classes=5)
+    assert len(probes["seconds"]) == 3
+    lines = ev.report({"evaluation": {"evaluate": rates, "knn_vs_sklearn": search, "knn_scale": scale,
+                                      "probes": probes}})
+    assert lines[0] == "## Evaluation (CPU, fp32)" and any("queries/s" in line for line in lines)

@@ -8,7 +8,8 @@ from conftest import REPO
 from d2v_plugin.testing.recipes import resolve
 
 CONFIG_DIR = os.path.join(REPO, "config")
-RECIPES = ["distilled_imagenet", "distilled_imagenet_thesis_code", "d2v2_base_imagenet", "demo"]
+RECIPES = ["distilled_imagenet", "distilled_imagenet_thesis_code", "d2v2_base_imagenet", "demo", "linear_probe_imagenet",
+           "attentive_probe_imagenet"]
 
 
 def groups(cfg):
@@ -81,6 +82,55 @@ def test_thesis_code_recipe_differs_from_table_1_exactly_where_the_thesis_code_d
         a, b = OmegaConf.to_container(table1[section]), OmegaConf.to_container(thesis[section])
         assert {k for k in a if a[k] != b[k]} == {k for s, k in differ if s == section}, section
     assert [g.optimizer.weight_decay for g in groups(t)] == [0.01, 0.0]
+
+
+def test_linear_probe_imagenet_has_maes_linear_probing_values():
+    cfg = resolve("linear_probe_imagenet")
+    m = cfg.model
+    assert (m.head, m.freeze_encoder, m.pooling, m.num_classes) == ("batchnorm_linear", True, "cls", 1000)
+    assert cfg.optimizer._name == "lars" and cfg.optimizer.weight_decay == 0.0
+    assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.trust_coefficient == 0.001
+    assert cfg.task.global_batch_size == 16384 and list(cfg.optimization.lr) == [0.1 * 16384 / 256]  # blr 0.1
+    assert cfg.lr_scheduler._name == "cosine" and cfg.lr_scheduler.min_lr == 0.0
+    assert cfg.optimization.max_epoch == 90 and cfg.optimization.max_update == 90 * 79
+    assert cfg.lr_scheduler.warmup_updates == 10 * 79 and cfg.optimization.clip_norm == 0.0
+    c = cfg.criterion
+    assert (c.mixup_alpha, c.cutmix_alpha, c.label_smoothing) == (0.0, 0.0, 0.0)
+    assert list(cfg.task.train_crop_scale) == [0.08, 1.0] and cfg.task.auto_augment is None
+    assert cfg.task.random_erasing == 0.0 and cfg.task.eval_crop_ratio == 0.875 and cfg.task.interpolation == "bicubic"
+
+
+def test_attentive_probe_imagenet_has_v_jepas_values():
+    cfg = resolve("attentive_probe_imagenet")
+    assert (cfg.model.head, cfg.model.freeze_encoder) == ("attentive", True)
+    assert cfg.optimization.max_epoch == 20 and cfg.optimization.max_update == 20 * 1252
+    assert cfg.task.global_batch_size == 1024 and cfg.optimization.clip_norm == 0.0
+    for group, wd in zip(groups(cfg), (0.001, 0.0)):  # no decay on biases and 1-D parameters, as V-JEPA's
+        assert group.lr_float == 0.001 and group.optimizer._name == "fused_adamw"
+        assert list(group.optimizer.adam_betas) == [0.9, 0.999] and group.optimizer.adam_eps == 1e-8
+        assert group.optimizer.weight_decay == wd
+        assert group.lr_scheduler._name == "cosine" and group.lr_scheduler.warmup_updates == 0
+    assert cfg.task.auto_augment == "original" and cfg.task.random_erasing == 0.25
+    c = cfg.criterion
+    assert (c.mixup_alpha, c.cutmix_alpha, c.label_smoothing) == (0.0, 0.0, 0.0)
+    assert cfg.task.eval_crop_ratio == 0.875 and cfg.common.fp16 is True
+
+
+@pytest.mark.parametrize("name,world,batch,update_freq,expected", [
+    ("linear_probe_imagenet", 8, 256, 8, 79), ("linear_probe_imagenet", 16, 256, 4, 79),
+    ("linear_probe_imagenet", 1, 256, 64, 79), ("attentive_probe_imagenet", 8, 128, 1, 1252),
+    ("attentive_probe_imagenet", 4, 128, 2, 1252)])
+def test_updates_per_epoch_of_the_probe_recipes_from_fairseqs_own_batching(name, world, batch, update_freq, expected):
+    from fairseq.data.iterators import GroupedIterator
+
+    task, cfg = imagenet_sized_task(), resolve(name)
+    assert batch * world * update_freq == cfg.task.global_batch_size
+    counts = set()
+    for rank in (0, world - 1):
+        itr = task.get_batch_iterator(task.datasets["train"], max_sentences=batch, seed=1, num_shards=world,
+                                      shard_id=rank, required_batch_size_multiple=1, disable_iterator_cache=True)
+        counts.add(len(GroupedIterator(itr.next_epoch_itr(shuffle=True), update_freq)))
+    assert counts == {expected} and cfg.optimization.max_update == cfg.optimization.max_epoch * expected
 
 
 @pytest.mark.parametrize("name", RECIPES)

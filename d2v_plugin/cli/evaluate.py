@@ -3,6 +3,15 @@ top-5 as fractions of the n images read).
 
     python -m d2v_plugin.cli.evaluate CHECKPOINT --data ROOT [--split val] [--device auto] [--precision bf16]
     torchrun --nproc_per_node=8 -m d2v_plugin.cli.evaluate CHECKPOINT --data /data/imagenet
+    python -m d2v_plugin.cli.evaluate CHECKPOINT --data /data/imagenet-r --benchmark imagenet-r|auto
+    python -m d2v_plugin.cli.evaluate CHECKPOINT --data /data/imagenet/val --benchmark imagenet-real --real-labels real.json
+
+--benchmark scores another ImageNet set its own way (--data is then the set's folder, the one holding its
+class folders): imagenet-v2 (folders 0 ... 999 are class indices), imagenet-real (a prediction is right
+when it is in the image's ReaL label set; images without one are left out), imagenet-a / imagenet-r (the
+logits of the set's 200 classes only, found from the model's class names), imagenet-sketch; auto finds
+which from the layout and says so. The JSON line names the benchmark and, where restricted, the classes
+used.
 
 CHECKPOINT: written by fairseq-hydra-train with this plugin, an export folder, data2vec's own fine-tuned
 checkpoint (mae_image_classification) or the thesis' fine-tuned Lightning classifier. On several ranks
@@ -26,10 +35,17 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-ratio", type=ratio, default=None,
                         help="resize the shorter side to size / ratio, centre-crop size (default: what the "
                              "checkpoint's training validated with)")
+    parser.add_argument("--benchmark", default=None,
+                        choices=("auto", "imagenet-v2", "imagenet-real", "imagenet-a", "imagenet-r", "imagenet-sketch"),
+                        help="score another ImageNet set its own way (--data: the set's folder)")
+    parser.add_argument("--real-labels", default=None, help="imagenet-real: ReaL's real.json (default: in --data)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    if args.real_labels and args.benchmark not in ("imagenet-real", "auto"):
+        parser.error("--real-labels is for --benchmark imagenet-real")
     load_heavy()
     from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
+    from d2v_plugin.evaluation import benchmarks
     from d2v_plugin.evaluation.loop import evaluate
     from d2v_plugin.inference import load_classifier
 
@@ -37,15 +53,29 @@ def main(argv=None) -> int:
         runtime = start_runtime(args)
         model = load_classifier(args.checkpoint, trust=args.trust_checkpoint, num_heads=args.num_heads,
                                 norm_eps=args.norm_eps, crop_ratio=args.crop_ratio)
-        index = open_split(args.data, args.split, classes=model.classes or None, cache_dir=args.cache_dir,
-                           data_format=args.data_format, names=COMMAND_FLAGS)
-        if not model.classes and len(index.classes) != model.cfg.num_classes:
-            raise ValueError(f"{args.data}/{args.split} has {len(index.classes)} classes but the model has "
-                             f"{model.cfg.num_classes}")
-        result = evaluate(model, index, runtime, args.batch_size, args.workers, desc=f"evaluate {args.split}")
+        scorer, details, name = None, {}, args.split
+        if args.benchmark:
+            benchmark, detected = args.benchmark, None
+            if benchmark == "auto":
+                benchmark, why = benchmarks.detect(args.data)
+                detected = f"{benchmark} ({why})"
+                if runtime.is_main:
+                    print(f"evaluate: --benchmark auto: {args.data} is {detected}", file=sys.stderr)
+            index, scorer, details = benchmarks.prepare(benchmark, args.data, model.classes, model.cfg.num_classes,
+                                                        args.real_labels, args.cache_dir)
+            details = {"benchmark": benchmark, **details, **({"detected": detected} if detected else {})}
+            name = benchmark
+        else:
+            index = open_split(args.data, args.split, classes=model.classes or None, cache_dir=args.cache_dir,
+                               data_format=args.data_format, names=COMMAND_FLAGS)
+            if not model.classes and len(index.classes) != model.cfg.num_classes:
+                raise ValueError(f"{args.data}/{args.split} has {len(index.classes)} classes but the model has "
+                                 f"{model.cfg.num_classes}")
+        result = evaluate(model, index, runtime, args.batch_size, args.workers, scorer, desc=f"evaluate {name}")
         if result["n"] == 0:
-            raise NothingCounted(f"no image of {index.split_dir} could be read: nothing was evaluated")
-        result = {**result, "split": args.split, "checkpoint": args.checkpoint, "accuracy_unit": "fraction"}
+            raise NothingCounted(f"no image of {index.split_dir} could be read or scored: nothing was evaluated")
+        result = {**result, **details, "split": None if args.benchmark else args.split, "checkpoint": args.checkpoint,
+                  "accuracy_unit": "fraction"}
         emit(runtime, result)
         if runtime.is_main:
             write_results(args.out, "evaluate", [result], args)

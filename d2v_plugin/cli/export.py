@@ -29,7 +29,7 @@ def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_
     os.makedirs(out, exist_ok=True)
     meta = {
         "format": EXPORT_FORMAT, "version": 1, "model": MODEL_NAME,
-        "architecture": model.encoder.cfg.to_dict(), "pooling": model.cfg.pooling,
+        "architecture": model.encoder.cfg.to_dict(), "pooling": model.cfg.pooling, "head": model.head_kind,
         "num_classes": model.cfg.num_classes, "classes": model.classes, "image_size": model.data_cfg.image_size,
         "eval_crop_ratio": model.data_cfg.crop_ratio, "mean": list(model.data_cfg.mean),
         "std": list(model.data_cfg.std), "interpolation": model.data_cfg.interpolation,

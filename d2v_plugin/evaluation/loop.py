@@ -56,22 +56,24 @@ def eval_batches(index, data_cfg, runtime: Runtime, batches: list[list[int]], wo
 
 
 def evaluate(model, index, runtime: Runtime, batch_size: int = 64, workers: int | None = None,
-             restrict=None, desc: str = "evaluate") -> dict:
+             scorer=None, desc: str = "evaluate") -> dict:
     """Top-1 / top-5 of a loaded classifier on a split, over every rank's shard, as exact fractions of
-    the images read. ``restrict``: a function of (logits, target) -> (logits, target) applied before
-    counting (another benchmark's label mapping, evaluation/benchmarks.py)."""
+    the images counted. ``scorer``: how another set counts (evaluation/benchmarks.py: a subset of the
+    classes, label sets); plain top-k by default."""
     workers = runtime.default_workers() if workers is None else workers
     model = model.to(runtime.device).eval()
     mine = batches_of(runtime.shard(len(index)), batch_size)
     top1 = top5 = n = 0
     start = time.perf_counter()
     with torch.no_grad(), runtime.autocast():
-        for images, target, _ in eval_batches(index, model.data_cfg, runtime, mine, workers, desc=desc):
+        for images, target, ids in eval_batches(index, model.data_cfg, runtime, mine, workers, desc=desc):
             logits = model(images).float()
-            if restrict is not None:
-                logits, target = restrict(logits, target)
-            c1, c5 = topk_correct(logits, target)
-            top1, top5, n = top1 + int(c1), top5 + int(c5), n + len(target)
+            if scorer is not None:
+                c1, c5, counted = scorer.count(logits, target, ids)
+            else:
+                c1, c5 = (int(c) for c in topk_correct(logits, target))
+                counted = len(target)
+            top1, top5, n = top1 + c1, top5 + c5, n + counted
     top1, top5, n = runtime.sum([top1, top5, n])
     seconds = time.perf_counter() - start
     return {"top1": fraction(top1, n), "top5": fraction(top5, n), "n": n, **runtime.describe(),

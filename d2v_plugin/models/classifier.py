@@ -1,4 +1,10 @@
-"""The fairseq model ``data2vec2_image_classifier``: Data2Vec2 encoder, pooling, LayerNorm, Linear -> raw logits."""
+"""The fairseq model ``data2vec2_image_classifier``: Data2Vec2 encoder, then a head -> raw logits.
+
+Heads (``model.head``): ``layernorm_linear`` (Table 1: the pooled tokens, LayerNorm, Linear),
+``batchnorm_linear`` (MAE's linear probe: BatchNorm without affine, Linear) and ``attentive`` (one learned
+query cross-attends the patch tokens, then LayerNorm and Linear). With ``model.freeze_encoder`` the encoder
+runs as a frozen one: in eval mode (no drop path), without gradients (no activations kept for a backward
+pass), outside the optimizer; the checkpoints still hold it."""
 
 import contextlib
 import logging
@@ -7,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import OmegaConf, open_dict
@@ -45,7 +52,17 @@ class Data2Vec2ClassifierConfig(FairseqDataclass):
     pooling: str = field(
         default="mean", metadata={"help": "token aggregation: mean (all tokens but CLS, as data2vec) or cls"}
     )
-    freeze_encoder: bool = field(default=False, metadata={"help": "train the head only (linear probe)"})
+    head: str = field(
+        default="layernorm_linear",
+        metadata={"help": "layernorm_linear (Table 1's: LayerNorm + Linear on the pooled tokens), batchnorm_linear "
+                          "(MAE's linear probe: BatchNorm without affine + Linear) or attentive (a learned query "
+                          "cross-attends the patch tokens, then LayerNorm + Linear)"},
+    )
+    freeze_encoder: bool = field(
+        default=False,
+        metadata={"help": "train the head only (a probe): the encoder runs in eval mode without gradients and "
+                          "stays out of the optimizer"},
+    )
     layer_decay: float = field(
         default=1.0,
         metadata={"help": "layer-wise lr decay: block i of N gets lr * layer_decay^(N-i), as data2vec's "
@@ -116,12 +133,15 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
 
 
 def head_config(model_cfg: dict, source: str) -> dict:
-    """The classifier's settings besides its size that a file records (``pooling``), checked: they come
-    from outside."""
+    """The classifier's settings besides its size that a file records (``pooling``, ``head``), checked:
+    they come from outside."""
     pooling = model_cfg.get("pooling") or "mean"
     if pooling not in POOLING_MODES:
         raise CheckpointError(f"{source}: pooling {str(pooling)[:40]!r} is not one of {', '.join(POOLING_MODES)}")
-    return {"pooling": pooling}
+    head = model_cfg.get("head") or "layernorm_linear"
+    if head not in HEADS:
+        raise CheckpointError(f"{source}: head {str(head)[:40]!r} is not one of {', '.join(HEADS)}")
+    return {"pooling": pooling, "head": head}
 
 
 def record_architecture(cfg, enc_cfg: EncoderConfig) -> None:
@@ -130,6 +150,45 @@ def record_architecture(cfg, enc_cfg: EncoderConfig) -> None:
     with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
         for key in RESOLVED_FIELDS:
             setattr(cfg, key, getattr(enc_cfg, key))
+
+
+HEADS = ("layernorm_linear", "batchnorm_linear", "attentive")
+
+
+class ParameterFreeBatchNorm(nn.BatchNorm1d):
+    """MAE's ``BatchNorm1d(affine=False, eps=1e-6)``, without the two ``None`` parameter slots torch keeps
+    for its missing affine (fairseq takes two ``None`` parameters for one shared parameter)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False, eps=1e-6)
+        for name in ("weight", "bias"):
+            del self._parameters[name]
+            object.__setattr__(self, name, None)
+
+
+class AttentivePooling(nn.Module):
+    """One learned query cross-attends the tokens (multi-head, head width 64; one head below width 64):
+    [B, N, D] -> [B, D]. As CAPI's ``AttnPoolClassifier``: the query itself attends (no query projection),
+    keys and values from one Linear, no output projection; initialised as CAPI's: the query and the
+    Linear trunc-normal with std 0.02, biases 0."""
+
+    def __init__(self, dim: int, head_width: int = 64):
+        super().__init__()
+        self.num_heads = max(1, dim // head_width)
+        if dim % self.num_heads:
+            raise ValueError(f"the attentive head needs a width divisible into heads of {head_width}, not {dim}")
+        self.query = nn.Parameter(torch.empty(dim))
+        self.kv = nn.Linear(dim, 2 * dim)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        nn.init.trunc_normal_(self.kv.weight, std=0.02)
+        nn.init.zeros_(self.kv.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, D = tokens.shape
+        h = self.num_heads
+        q = self.query.to(tokens.dtype).expand(B, 1, D).reshape(B, 1, h, D // h).transpose(1, 2)
+        k, v = self.kv(tokens).reshape(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).reshape(B, D)
 
 
 @register_model(MODEL_NAME, dataclass=Data2Vec2ClassifierConfig)
@@ -144,21 +203,38 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
         super().__init__()
         if cfg.pooling not in POOLING_MODES:
             raise ValueError(f"model.pooling={cfg.pooling!r} is not a pooling mode; use one of {', '.join(POOLING_MODES)}")
+        head = getattr(cfg, "head", "layernorm_linear")
+        if head not in HEADS:
+            raise ValueError(f"model.head={head!r}: use one of {', '.join(HEADS)}")
         self.cfg = cfg
+        self.head_kind = head
         self.encoder = encoder
         dim = encoder.cfg.embed_dim
-        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        if head == "attentive":
+            self.attn_pool = AttentivePooling(dim)
+        self.fc_norm = ParameterFreeBatchNorm(dim) if head == "batchnorm_linear" else nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, cfg.num_classes)
         self.init_head()
-        if cfg.freeze_encoder:
+        self.frozen = bool(cfg.freeze_encoder)
+        if self.frozen:
             self.encoder.requires_grad_(False)
+            self.encoder.eval()
 
     def init_head(self) -> None:
-        """Table 1: LayerNorm weight 1, bias 0; Linear weight trunc_normal(std=0.02), bias 0."""
-        nn.init.ones_(self.fc_norm.weight)
-        nn.init.zeros_(self.fc_norm.bias)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        """Table 1: LayerNorm weight 1, bias 0; Linear weight trunc_normal(std=0.02), bias 0. MAE's linear
+        probe: trunc_normal(std=0.01) after its BatchNorm."""
+        if isinstance(self.fc_norm, nn.LayerNorm):
+            nn.init.ones_(self.fc_norm.weight)
+            nn.init.zeros_(self.fc_norm.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.01 if self.head_kind == "batchnorm_linear" else 0.02)
         nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True):
+        """A frozen encoder stays in eval mode (no drop path) while the head trains."""
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
 
     @classmethod
     def build_model(cls, cfg: Data2Vec2ClassifierConfig, task=None):
@@ -186,12 +262,21 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
     def assign_param_groups(self) -> None:
         """Tag the parameters for fairseq's composite optimizer (models/param_groups.tag_for_composite);
         build_model does this for training."""
+        if self.frozen:
+            kept = sum(p.numel() for p in self.encoder.parameters())
+            logger.info(f"encoder frozen (model.freeze_encoder): its {kept:,} parameters stay out of the optimizer; "
+                        f"it runs in eval mode without gradients")
         tag_for_composite(self.named_parameters(), self.param_group_rules())
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frozen:  # no activations kept for a backward pass that never reaches the encoder
+            with torch.no_grad():
+                return self.encoder(images)
         return self.encoder(images)  # through __call__: hooks and a compiled encoder apply
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.head_kind == "attentive":
+            return self.attn_pool(tokens[:, 1:])  # the patch tokens
         return pool(tokens, self.cfg.pooling)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -43,16 +43,17 @@ def precision_overrides(precision: str, device: str) -> list:
             f"common.cpu={device == 'cpu'}", "common.fp16_no_flatten_grads=true"]
 
 
-def build_ours(checkpoint: str, batch: int, precision: str, device: str, optimizer: str = "fused_adamw",
+def build_ours(checkpoint: str, batch: int, precision: str, device: str, optimizer: str | None = None,
                image_size: int = 224, recipe: str = "distilled_imagenet"):
-    """(trainer, sample) for the plugin: the recipe's task, model, criterion and optimizer."""
+    """(trainer, sample) for the plugin: the recipe's task, model, criterion and optimizer (``optimizer``:
+    another per-group optimizer for a composite recipe)."""
     import fairseq.trainer
     from d2v_plugin.tasks.image_folder_classification import ImageFolderClassificationTask
 
+    choice = [f"optimizer.groups.default.optimizer._name={optimizer}"] if optimizer else []
     cfg = resolve(recipe, f"model.pretrained_checkpoint={checkpoint}", f"dataset.batch_size={batch}",
                   "distributed_training.distributed_world_size=1", "task.global_batch_size=null",
-                  f"task.image_size={image_size}", f"optimizer.groups.default.optimizer._name={optimizer}",
-                  *precision_overrides(precision, device))
+                  f"task.image_size={image_size}", *choice, *precision_overrides(precision, device))
     task = ImageFolderClassificationTask(cfg.task, [f"class_{i}" for i in range(cfg.model.num_classes)])
     model = task.build_model(cfg.model)
     trainer = fairseq.trainer.Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
@@ -129,6 +130,28 @@ def compare(depth: int, batch: int, precision: str, device: str, steps: int, wid
     built = {"ours": build_ours(checkpoint, batch, precision, device, image_size=image_size, recipe=recipe),
              "data2vec": build_data2vec(checkpoint, batch, precision, device, image_size=image_size)}
     return {name: time_updates(trainer, sample, steps) for name, (trainer, sample) in built.items()}
+
+
+PROBE_RECIPES = ("distilled_imagenet", "linear_probe_imagenet", "attentive_probe_imagenet")
+
+
+def probe_steps(batch: int, steps: int, device: str = "cpu", precision: str = "fp32", depth: int = 4,
+                rounds: int | None = None, **sizes) -> dict:
+    """Updates/s of each probe recipe's Trainer step against the fine-tuning recipe's, the same model
+    (a depth-``depth`` encoder) and batch, interleaved: what a frozen encoder saves."""
+    from benchmarks.common import RUNS, rotated, summary
+
+    work = tempfile.mkdtemp(prefix="bench_probe_")
+    width, heads, size = sizes.get("width", 768), sizes.get("heads", 12), sizes.get("image_size", 224)
+    checkpoint = data2vec_checkpoint(work, depth, width, heads, size, patch=16 if size >= 64 else 8)
+    built = {recipe: build_ours(checkpoint, batch, precision, device, image_size=size, recipe=recipe)
+             for recipe in PROBE_RECIPES}
+    per = {name: [] for name in built}
+    for r in range(rounds or RUNS):
+        for name in rotated(built, r):
+            per[name].append(time_updates(*built[name], steps=steps)["updates_per_s"])
+            print(f"  probe step {name}: {per[name][-1]:.3f} updates/s", flush=True)
+    return {"batch": batch, "depth": depth, "results": {name: summary(v) for name, v in per.items()}}
 
 
 def run(batch: int = 8, steps: int = 3) -> dict:
