@@ -221,6 +221,22 @@ def data_parallel_rank_and_size() -> tuple:
     return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
 
 
+def cores_per_local_rank(distributed_training, environ=os.environ) -> int:
+    """The cores one rank of this node has: a process bound to some of the node's cores (srun's
+    --cpu-bind) has those; otherwise the node's cores are shared by the ranks started on it
+    (torchrun's LOCAL_WORLD_SIZE, srun's tasks per node, else the processes fairseq spawns)."""
+    from d2v_plugin.evaluation.runtime import available_cores
+
+    cores = available_cores()
+    if cores < (os.cpu_count() or cores):
+        return cores
+    local = environ.get("LOCAL_WORLD_SIZE") or (environ.get("SLURM_NTASKS_PER_NODE") or "").split("(")[0]
+    ranks = int(local) if local.isdigit() else 0
+    if ranks < 1:
+        ranks = distributed_training.distributed_num_procs if distributed_training.distributed_world_size > 1 else 1
+    return max(1, cores // max(ranks, 1))
+
+
 class ResumableEpochBatchIterator(EpochBatchIterator):
     """fairseq's iterator, whose saved position also records the number of ranks and the per-rank
     batch size it counts in, so that a run can continue its epoch on another number of ranks.

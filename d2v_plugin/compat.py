@@ -32,16 +32,33 @@ upstream behaviour it changes is still there (tests/test_compat.py), so it can g
    it keeps the best score as an attribute of itself, and a replacement would lose it (a stop at an
    epoch end would then take that epoch's validation for the best and overwrite checkpoint_best.pt).
 
-5. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
+5. Nothing past the end of a finished run (installed by the task when a training run starts). fairseq's
+   loop checks ``max_update`` only after an update: a run restarted once it has reached ``max_update``
+   (a requeued job, the same command run again) trains one update more and saves it over the finished
+   checkpoints, a step further each time; one that reached ``max_epoch`` prints "done training in 0.0
+   seconds". The patch says that the run in ``checkpoint.save_dir`` is complete and how to start
+   another, and does not step it again: ``fairseq_cli.train.train`` is wrapped, and ``load_checkpoint``
+   is seen through ``fairseq_cli.train``'s view of ``checkpoint_utils`` (as in 4).
+
+6. Unknown keys named. An override whose key is a typo (``+task.dta=...``) ends in omegaconf's
+   ``ConfigKeyError: Key 'dta' not in 'ImageFolderClassificationConfig'`` from fairseq's
+   ``merge_with_parent``; the patch says ``unknown key task.dta; did you mean task.data?`` (the keys
+   of that section nearest the typo). The error stays a ``ConfigKeyError``. (Without the ``+`` Hydra
+   refuses the override before fairseq has imported the plugin: that message is Hydra's.)
+
+7. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
    fine-tuning uses) asks Pillow for 0 bits at full magnitude; Pillow >= 10 refuses (ValueError) where
    it used to return black. The patch keeps timm's meaning: 0 bits kept is a black image.
 """
+import difflib
 import logging
 import os
 import shutil
 
 import fairseq
+import fairseq.dataclass.utils
 import torch
+from omegaconf.errors import ConfigKeyError
 from fairseq.file_io import PathManager
 from fairseq.optim.composite import FairseqCompositeOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
@@ -54,6 +71,7 @@ _original_copy = PathManager.copy
 _original_fp16_state_dict = _FP16OptimizerMixin.state_dict
 _original_fp16_load_state_dict = _FP16OptimizerMixin.load_state_dict
 _original_composite_init = FairseqCompositeOptimizer.__init__
+_original_merge_with_parent = fairseq.dataclass.utils.merge_with_parent
 
 MASTERS_KEY, SCALER_KEY = "d2v_fp32_masters", "d2v_loss_scaler"
 SCALER_COUNTERS = ("_iter", "_last_overflow_iter", "_last_rescale_iter", "_overflows_since_rescale")
@@ -113,11 +131,11 @@ FAIRSEQ_WRITTEN_FOR = "0.12."  # fairseq-fixed 0.12.3.1, the pinned version
 
 
 def install() -> None:
-    """Install the fairseq patches (1-3); on another fairseq than they were written for, none."""
+    """Install the fairseq patches (1-3, 6); on another fairseq than they were written for, none."""
     if not fairseq.__version__.startswith(FAIRSEQ_WRITTEN_FOR):
         logger.warning(f"d2v_plugin's fairseq patches were written for fairseq {FAIRSEQ_WRITTEN_FOR}x, this is "
                        f"{fairseq.__version__}: not installed (atomic checkpoint copies, exact half-precision "
-                       f"resumes, per-instance composite optimizer groups)")
+                       f"resumes, per-instance composite optimizer groups, unknown keys named)")
         return
     if PathManager.copy is not atomic_copy:
         PathManager.copy = staticmethod(atomic_copy)
@@ -126,6 +144,42 @@ def install() -> None:
         _FP16OptimizerMixin.load_state_dict = fp16_load_state_dict_with_masters
     if FairseqCompositeOptimizer.__init__ is not composite_init_with_own_dicts:
         FairseqCompositeOptimizer.__init__ = composite_init_with_own_dicts
+    if fairseq.dataclass.utils.merge_with_parent is not merge_with_parent_naming_unknown_keys:
+        fairseq.dataclass.utils.merge_with_parent = merge_with_parent_naming_unknown_keys
+
+
+class UnknownSetting(ConfigKeyError):
+    """A key of an override that its section does not have, named with the nearest keys it has."""
+
+
+def merge_with_parent_naming_unknown_keys(dc, cfg, remove_missing=False):
+    """fairseq's ``merge_with_parent``; a key the dataclass does not have is named with its section."""
+    try:
+        return _original_merge_with_parent(dc, cfg, remove_missing)
+    except ConfigKeyError as err:
+        if isinstance(err, UnknownSetting) or err.key is None:
+            raise
+        raise UnknownSetting(unknown_key_message(dc, cfg, err)) from None
+
+
+def unknown_key_message(dc, cfg, err) -> str:
+    """``unknown key task.dta; did you mean task.data?`` for the key omegaconf could not place."""
+    section = None
+    try:
+        section = cfg._get_full_key(None) or None  # "task", "model": where add_defaults took cfg from
+    except Exception:
+        pass
+    inner = (err.full_key or str(err.key)).split(".")
+    where = ".".join(p for p in ([section] if section else []) + inner[:-1])
+    owner = err.object_type if hasattr(err.object_type, "__dataclass_fields__") else dc
+    keys = [k for k in getattr(owner, "__dataclass_fields__", {}) if not k.startswith("_")]
+    full = f"{where}.{err.key}" if where else str(err.key)
+    close = difflib.get_close_matches(str(err.key), keys, n=3, cutoff=0.6)
+    if close:
+        hint = "did you mean " + " or ".join(f"{where}.{k}" if where else k for k in close) + "?"
+    else:
+        hint = f"{owner.__name__ if isinstance(owner, type) else type(owner).__name__} has: {', '.join(keys)}"
+    return f"unknown key {full}; {hint}"
 
 
 class _CountedSaves:
@@ -180,6 +234,57 @@ def validate_and_save_or_stop(cfg, trainer, task, epoch_itr, valid_subsets, end_
 
 
 _original_validate_and_save = None
+_original_train = None
+_original_load_checkpoint = None
+
+
+def finished_because(cfg, trainer, epoch_itr) -> str | None:
+    """The setting a run has already reached (so fairseq has nothing left to train), or None."""
+    opt = cfg.optimization
+    if opt.max_update and trainer.get_num_updates() >= opt.max_update:
+        return f"optimization.max_update={opt.max_update} (it is at update {trainer.get_num_updates()})"
+    if opt.max_epoch and epoch_itr is not None and epoch_itr.next_epoch_idx > opt.max_epoch:
+        return f"optimization.max_epoch={opt.max_epoch} (it has trained {epoch_itr.next_epoch_idx - 1} epochs)"
+    return None
+
+
+def finished_message(cfg, reason: str) -> str:
+    return (f"the run in checkpoint.save_dir={cfg.checkpoint.save_dir} has already reached {reason}: there is "
+            f"nothing left to train. To train it further, raise that setting (it resumes from "
+            f"{cfg.checkpoint.restore_file}); to start another run, give another checkpoint.save_dir")
+
+
+def load_checkpoint_saying_if_finished(cfg, trainer, **kwargs):
+    """fairseq's ``load_checkpoint`` (``cfg``: the checkpoint config), then a warning if the run is complete."""
+    extra_state, epoch_itr = _original_load_checkpoint(cfg, trainer, **kwargs)
+    reason = finished_because(trainer.cfg, trainer, epoch_itr)
+    if reason is not None and trainer.data_parallel_rank == 0:
+        logger.warning(finished_message(trainer.cfg, reason))
+    return extra_state, epoch_itr
+
+
+def train_unless_finished(cfg, trainer, task, epoch_itr):
+    """fairseq_cli.train.train, unless the run has reached max_update already (then: stop, no update)."""
+    if finished_because(cfg, trainer, None) is not None:
+        return [None], True
+    return _original_train(cfg, trainer, task, epoch_itr)
+
+
+def install_finished_run_check() -> bool:
+    """Patch 5, in the process that trains (from the task's setup, before fairseq loads the checkpoint)."""
+    global _original_train, _original_load_checkpoint
+    import fairseq_cli.train
+
+    if not fairseq.__version__.startswith(FAIRSEQ_WRITTEN_FOR):
+        return False
+    if fairseq_cli.train.train is not train_unless_finished:
+        _original_train = fairseq_cli.train.train
+        fairseq_cli.train.train = train_unless_finished
+    seen = fairseq_cli.train.checkpoint_utils
+    if getattr(seen, "load_checkpoint", None) is not load_checkpoint_saying_if_finished:
+        _original_load_checkpoint = seen.load_checkpoint
+        fairseq_cli.train.checkpoint_utils = _ModuleView(seen, load_checkpoint=load_checkpoint_saying_if_finished)
+    return True
 
 
 def install_save_on_signal() -> bool:

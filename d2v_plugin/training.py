@@ -159,3 +159,88 @@ def build_config_for_resume(cfg, checkpoint_path: str | None, saved: dict | None
             f"{checkpoint_path} holds a run of another model ({'; '.join(wrong)}), and fairseq resumes from it: "
             f"train into another checkpoint.save_dir, or move that run away")
     return _with(cfg, pretrained_checkpoint=None, **recorded)
+
+
+def check_workers(dataset, available: int) -> None:
+    """One warning when ``dataset.num_workers`` asks for more data-loading processes per rank than this
+    rank has cores (the recipes' 10 on a small machine); torch's own warning, which it gives once per
+    loader (train and valid), is then not repeated."""
+    import warnings
+
+    if dataset.num_workers <= available:
+        return
+    logger.warning(f"dataset.num_workers={dataset.num_workers} data-loading processes per loader, on {available} "
+                   f"cores for this rank: they share the cores (set dataset.num_workers={available} here; the "
+                   f"recipes' value is for GPU nodes)")
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+
+
+class UpdatePace:
+    """The training's measured pace, said once at start-up: after ``measure`` updates (the first, which
+    warms up the loaders and kernels, not counted) the rate, when the first progress line comes
+    (``common.log_interval``) and how long the run's remaining updates take at that rate.
+
+    ``seen(update_num)`` is called with each micro-batch's update number (the task's train_step)."""
+
+    def __init__(self, log_interval: int, max_update: int, updates_per_epoch: int | None, max_epoch: int,
+                 measure: int = 2, clock=None):
+        import time
+
+        self.log_interval, self.max_update, self.measure = log_interval, max_update, measure
+        self.updates_per_epoch, self.max_epoch = updates_per_epoch, max_epoch
+        self.clock = clock or time.perf_counter
+        self.first = self.start = None  # the update numbers at which it started and started measuring
+        self.started_at = None
+        self.said = None  # the message, once said
+
+    def seen(self, update_num: int) -> None:
+        if self.said is not None:
+            return
+        if self.first is None:
+            self.first = update_num
+            if self.log_interval > 1:
+                logger.info(f"a progress line every common.log_interval={self.log_interval} updates; the pace "
+                            f"is measured over updates {update_num + 2}-{update_num + 1 + self.measure}")
+            return
+        if self.start is None:
+            if update_num > self.first:  # the first update has ended: measure from here
+                self.start, self.started_at = update_num, self.clock()
+            return
+        done = update_num - self.start
+        if done >= self.measure:
+            self.said = self.message(done / max(self.clock() - self.started_at, 1e-9), update_num)
+            logger.info(self.said)
+
+    def end(self) -> int | None:
+        """The update the run stops at (max_update, or max_epoch epochs), if one is set."""
+        ends = [self.max_update] if self.max_update else []
+        if self.max_epoch and self.updates_per_epoch:
+            ends.append(self.max_epoch * self.updates_per_epoch)
+        return min(ends) if ends else None
+
+    def message(self, rate: float, at: int) -> str:
+        text = f"training at {_rate(rate)} (measured over updates {self.start + 1}-{at})"
+        end = self.end()
+        next_log = (at // self.log_interval + 1) * self.log_interval if self.log_interval else None
+        if next_log is not None and (end is None or next_log <= end):
+            text += f"; the next progress line (common.log_interval={self.log_interval}) in " \
+                    f"{_duration((next_log - at) / rate)}"
+        if self.updates_per_epoch:
+            text += f"; an epoch (about {self.updates_per_epoch} updates) takes {_duration(self.updates_per_epoch / rate)}"
+        if end is not None and end > at:
+            text += f"; the remaining {end - at} updates to update {end}, {_duration((end - at) / rate)}"
+        return text
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s:.2f} updates/s" if per_s >= 1 else f"{1 / per_s:.1f} s/update"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -27,6 +27,9 @@ def test_every_patch_is_installed():
     assert PathManager.copy is compat.atomic_copy
     assert _FP16OptimizerMixin.state_dict is compat.fp16_state_dict_with_masters
     assert FairseqCompositeOptimizer.__init__ is compat.composite_init_with_own_dicts
+    import fairseq.dataclass.utils
+
+    assert fairseq.dataclass.utils.merge_with_parent is compat.merge_with_parent_naming_unknown_keys
 
 
 def fp16_optimizer(precision):
@@ -187,3 +190,28 @@ def test_fairseq_knows_no_stop_on_a_signal_the_patch_saves_and_exits(monkeypatch
         assert saves == [None] and validations == []
     else:  # fairseq's own end-of-epoch validation and checkpoint, once
         assert saves == [0.25] and validations == [1]
+
+
+def test_fairseq_says_only_that_a_key_is_not_in_its_dataclass_the_patch_names_it_and_the_nearest():
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig
+    from d2v_plugin.tasks.image_folder_classification import ImageFolderClassificationConfig
+
+    whole = OmegaConf.create({"task": {"_name": "image_folder_classification", "dta": "/data"},
+                              "model": {"_name": "data2vec2_image_classifier", "dept": 4, "num_clases": 3},
+                              "criterion": {"_name": "x", "zzzz": 1}})
+    # upstream: omegaconf's words, the key without its section and no suggestion; when this fails the patch can go
+    with pytest.raises(ConfigKeyError) as upstream:
+        compat._original_merge_with_parent(ImageFolderClassificationConfig(), whole.task)
+    assert str(upstream.value).startswith("Key 'dta' not in 'ImageFolderClassificationConfig'")
+    with pytest.raises(ConfigKeyError, match=r"^unknown key task\.dta; did you mean task\.data\?$"):
+        compat.merge_with_parent_naming_unknown_keys(ImageFolderClassificationConfig(), whole.task)
+    with pytest.raises(ConfigKeyError, match=r"^unknown key model\.(dept|num_clases); did you mean model\."):
+        compat.merge_with_parent_naming_unknown_keys(Data2Vec2ClassifierConfig(), whole.model)
+    far = DictConfig({"zzzz": 1})  # nothing near it: the keys there are listed
+    with pytest.raises(ConfigKeyError, match=r"^unknown key zzzz; ImageFolderClassificationConfig has: data, "):
+        compat.merge_with_parent_naming_unknown_keys(ImageFolderClassificationConfig(), far)
+    merged = compat.merge_with_parent_naming_unknown_keys(ImageFolderClassificationConfig(), DictConfig({"data": "/d"}))
+    assert merged.data == "/d" and merged.image_size == 224  # a good config merges as fairseq's does

@@ -46,7 +46,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-STRIP = ("seconds", "images_per_s", "ranks", "search_s", "extract_s", "features_in")
+STRIP = ("seconds", "images_per_s", "ranks", "search_s", "extract_s", "features_in", "per_class_dir")
 
 
 def results(stdout):
@@ -57,12 +57,24 @@ def results(stdout):
 def test_two_ranks_under_torchrun_give_one_ranks_results(tiny):
     data = ["--data", tiny / "images", "--workers", "1"]
     best = tiny / "run" / "checkpoint_best.pt"
-    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.evaluate", best, *data], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    two = torchrun("d2v_plugin.cli.evaluate", best, *data, port=free_port())
+    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    two = torchrun("d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc2", port=free_port())
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert results(one.stdout) == results(two.stdout) and results(one.stdout)[0]["n"] == 15  # 8 + 7 images
     assert json.loads(two.stdout)["ranks"] == 2 and len(two.stdout.strip().splitlines()) == 1  # rank 0 prints
+    # per class: the confusion matrix of both ranks' images, the same as one rank's
+    for name in ("per_class.csv", "confusion.csv"):
+        assert (tiny / "pc1" / name).read_text() == (tiny / "pc2" / name).read_text()
+    matrix = np.loadtxt(tiny / "pc2" / "confusion.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3), dtype=int)
+    assert matrix.sum(axis=1).tolist() == [5, 5, 5]  # each val class folder's images
+    assert np.trace(matrix) == round(results(one.stdout)[0]["top1"] * 15)
+    rows = (tiny / "pc2" / "per_class.csv").read_text().splitlines()
+    assert rows[0].startswith("class_index,class,images,correct,top1") and len(rows) == 4
+    from PIL import Image
+
+    with Image.open(tiny / "pc2" / "confusion.png") as img:
+        img.verify()
     knn = ["--k", "3", "5", "--cache"]
     one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f1"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)

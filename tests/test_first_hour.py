@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, VENV_BIN, json_records, run, train_cmd
+from conftest import REPO, VENV_BIN, exception_line, json_records, run, train_cmd
 
 COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack"]
 THIRD_PARTY_NOISE = ("FutureWarning", "UserWarning", "DeprecationWarning", "DEBUG:", "warnings.warn(")
@@ -60,6 +60,8 @@ def test_the_training_console_has_no_third_party_noise_and_each_record_once(fini
     assert noise == [], noise
     updates = [r["num_updates"] for r in json_records(console, "train_inner")]
     assert updates == sorted(set(updates)) and len(updates) == 6  # every record printed once
+    pace = [line for line in console.splitlines() if "training at " in line]  # the measured pace, said once
+    assert len(pace) == 1 and "(measured over updates 2-3)" in pace[0], pace
 
 
 def test_load_classifier_in_a_python_session_prints_nothing(finished_run):
@@ -115,3 +117,98 @@ def test_the_demo_deletes_only_what_it_created(tmp_path):
     demo["clean_previous"](str(work))
     assert sorted(os.listdir(work)) == ["my_export", "notes.md"]
     assert (work / "my_export" / "model.safetensors").read_bytes() == b"the user's"
+
+
+@pytest.mark.parametrize("max_update,reached", [(6, "optimization.max_update=6 (it is at update 6)"),
+                                                (100, "optimization.max_epoch=2 (it has trained 2 epochs)")])
+def test_rerunning_a_finished_run_says_so_and_trains_nothing_more(finished_run, tmp_path, max_update, reached):
+    """fairseq alone trains one update past max_update and saves it over the finished run, every rerun."""
+    import shutil
+
+    import torch
+
+    tmp, _ = finished_run
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    before = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    result = run(train_cmd(tmp, tmp / "images", tmp_path / "run", "common.log_format=json", batch_size=8,
+                           max_update=max_update))
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console[-3000:]
+    warning = next(line for line in console.splitlines() if "has already reached" in line)
+    assert f"checkpoint.save_dir={tmp_path / 'run'} has already reached {reached}" in warning
+    assert "to start another run, give another checkpoint.save_dir" in warning
+    assert json_records(console, "train_inner") == []  # not one more update
+    after = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    assert after["optimizer_history"][-1]["num_updates"] == before["optimizer_history"][-1]["num_updates"] == 6
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+
+
+def test_a_typo_in_an_override_names_the_key_and_the_nearest_one(finished_run):
+    tmp, _ = finished_run
+    cmd = train_cmd(tmp, tmp / "images", tmp / "typo", f"+task.dta={tmp / 'images'}", "+model.dept=2")
+    result = run(cmd)
+    assert result.returncode != 0
+    line = exception_line(result.stderr, prefixes=("d2v_plugin.compat.UnknownSetting",))
+    assert line.split(": ", 1)[1] in ("unknown key task.dta; did you mean task.data?",
+                                      "unknown key model.dept; did you mean model.depth?")
+
+
+def readme_block_after(marker: str) -> str:
+    """The first indented command block after ``marker`` in the README, as one shell command."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    lines = text[text.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block)
+
+
+def test_the_readme_command_without_a_recipe_runs_on_the_demo_digits(runs, tmp_path):
+    command = readme_block_after("**Without a recipe**")
+    assert "fairseq-hydra-train" in command and "/data/imagenet" in command
+    command = (command.replace("/data/imagenet", str(runs["data"])).replace("/ckpt/base_imagenet.pt", str(runs["init"]))
+               + f" +model.num_classes=10 +task.image_size=16 optimization.max_update=8 dataset.batch_size=64"
+                 f" checkpoint.save_dir={tmp_path / 'run'}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(["bash", "-c", command], cwd=elsewhere, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console[-3000:]
+    valid = next(line for line in console.splitlines() if "valid on 'valid' subset" in line)
+    assert "| n 360 |" in valid  # fairseq's valid subset read from val/
+    assert (tmp_path / "run" / "checkpoint_best.pt").is_file()
+
+
+def test_more_workers_than_cores_is_said_once(caplog, recwarn):
+    from types import SimpleNamespace
+
+    import torch
+
+    from d2v_plugin.training import check_workers
+
+    check_workers(SimpleNamespace(num_workers=2), 2)
+    assert caplog.records == []
+    check_workers(SimpleNamespace(num_workers=10), 2)
+    assert [r.getMessage()[:60] for r in caplog.records] == [
+        "dataset.num_workers=10 data-loading processes per loader, on"]
+    for _ in range(2):  # torch's own warning, once per loader (train, valid), is not repeated
+        torch.utils.data.DataLoader(list(range(4)), num_workers=10).check_worker_number_rationality()
+    assert not [w for w in recwarn if "DataLoader will create" in str(w.message)]
+
+
+def test_the_pace_is_said_once_from_the_measured_updates():
+    from d2v_plugin.training import UpdatePace
+
+    now = [0.0]
+    pace = UpdatePace(log_interval=100, max_update=1000, updates_per_epoch=500, max_epoch=10, clock=lambda: now[0])
+    for update in range(6):
+        for _ in range(2):  # two micro-batches an update (update_freq 2)
+            pace.seen(update)
+        now[0] += 30.0 if update == 0 else 2.0  # the first update is slow (loaders, kernels): not counted
+    assert pace.said == ("training at 2.0 s/update (measured over updates 2-3); the next progress line "
+                         "(common.log_interval=100) in 3 min; an epoch (about 500 updates) takes 17 min; the "
+                         "remaining 997 updates to update 1000, 33 min")

@@ -18,8 +18,11 @@ from d2v_plugin.cli import evaluate as evaluate_cli
 from d2v_plugin.cli import export as export_cli
 from d2v_plugin.cli import knn as knn_cli
 from d2v_plugin.cli import predict as predict_cli
+from d2v_plugin.cli import preresize as preresize_cli
 from d2v_plugin.data import index_split
 from d2v_plugin.inference import load_classifier
+
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -225,17 +228,117 @@ def error_line(capsys):
     (knn_cli, ["{text}", "--data", "{data}"], "is not a PyTorch checkpoint"),
     (compare_cli, ["{tmp}/empty_run", "--out", "{tmp}/r"], "no fairseq training log found"),
     (compare_cli, ["{tmp}/no_such_run", "--out", "{tmp}/r"], "run folder not found"),
+    # a file that is not a checkpoint is said to be so, with or without the flag to trust it (no hint to trust it)
+    (evaluate_cli, ["{readme}", "--data", "{data}"], "is not a PyTorch checkpoint"),
+    (evaluate_cli, ["{random}", "--data", "{data}"], "is not a PyTorch checkpoint"),
+    (evaluate_cli, ["{readme}", "--data", "{data}", "--trust-checkpoint"], "is not a PyTorch checkpoint"),
+    (knn_cli, ["{random}", "--data", "{data}", "--trust-checkpoint"], "is not a PyTorch checkpoint"),
+    # the messages name the command's flags, not the settings of a training run
+    (convert_cli, ["{init}", "--out", "{tmp}/x.pt", "--depth", "99"], "--depth=99 but the checkpoint has 6 blocks"),
+    (evaluate_cli, ["{best}", "--data", "{data}", "--data-format", "parquet"], "(--data-format=parquet)"),
+    (compare_cli, ["{tmp}/unrelated", "--out", "{tmp}/r"], "unrelated: no fairseq training log found"),
 ])
 def test_bad_inputs_end_with_one_clear_error_line(runs, tmp_path, capsys, command, args, expected):
     (tmp_path / "notes.txt").write_text("just text")
     (tmp_path / "empty_run").mkdir()
+    (tmp_path / "unrelated" / "sub").mkdir(parents=True)
+    (tmp_path / "unrelated" / "notes.md").write_text("a folder holding no run")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100))
     values = {"missing": tmp_path / "missing.pt", "text": tmp_path / "notes.txt", "tmp": tmp_path,
               "init": runs["init"], "data": runs["data"], "best": runs["depth4"] / "checkpoint_best.pt",
-              "image": next((runs["data"] / "val" / "3").iterdir())}
+              "image": next((runs["data"] / "val" / "3").iterdir()), "readme": os.path.join(REPO, "README.md"),
+              "random": tmp_path / "random.pt"}
     with pytest.raises(SystemExit) as exit_info:
         command.main([a.format(**values) for a in args])
     assert exit_info.value.code not in (0, None)
-    assert expected in error_line(capsys)
+    line = error_line(capsys)
+    assert expected in line
+    assert "trust" not in line.replace("--trust-checkpoint", "")  # no steer toward unpickling a file that is not one
+    assert "model.depth" not in line and "task.data_format" not in line
+
+
+@pytest.mark.parametrize("command,args,flag", [
+    (evaluate_cli, ["--batch-size", "0"], "--batch-size"),
+    (evaluate_cli, ["--crop-ratio", "0"], "--crop-ratio"),
+    (evaluate_cli, ["--crop-ratio", "1.5"], "--crop-ratio"),
+    (evaluate_cli, ["--workers", "-1"], "--workers"),
+    (predict_cli, ["--topk", "0"], "--topk"),
+    (predict_cli, ["--limit", "0"], "--limit"),
+    (knn_cli, ["--k", "0"], "--k"),
+    (knn_cli, ["--temperature", "0"], "--temperature"),
+    (convert_cli, ["--out", "x.pt", "--depth", "0"], "--depth"),
+    (preresize_cli, ["--out", "x", "--quality", "96"], "--quality"),
+    (preresize_cli, ["--out", "x", "--short-side", "0"], "--short-side"),
+])
+def test_arguments_are_checked_before_anything_is_loaded(tmp_path, capsys, monkeypatch, command, args, flag):
+    """A checkpoint that does not exist: the answer is about the flag, so it came before any loading."""
+    import d2v_plugin.cli.common as common
+
+    monkeypatch.setattr(common, "load_heavy", lambda: pytest.fail("loaded before the arguments were checked"))
+    monkeypatch.setattr(command, "load_heavy", lambda: pytest.fail("loaded before the arguments were checked"),
+                        raising=False)
+    data = [] if command in (convert_cli, preresize_cli) else ["--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        command.main([str(tmp_path / "missing.pt"), *data, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in err, err
+
+
+@pytest.mark.parametrize("name", ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where",
+                                  "pack", "probe", "track"])
+def test_every_option_has_help_and_a_shown_default(name, monkeypatch):
+    import argparse
+    import importlib
+
+    parsers = []
+
+    def caught(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"d2v_plugin.cli.{name}").main([])
+    parser = parsers[-1]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        shown = formatter._get_help_string(action)
+        assert action.help and len(action.help.split()) >= 2, f"{name} {action.dest}: no help"
+        assert "(default: None)" not in shown and "(default: False)" not in shown, f"{name} {action.dest}: {shown}"
+        if action.option_strings and not action.required and action.nargs != 0:
+            assert "default" in shown, f"{name} {action.dest}: no default shown: {shown}"
+
+
+def test_knn_takes_an_export_folder_as_evaluate_does(runs, tmp_path, capsys):
+    best = runs["depth4"] / "checkpoint_best.pt"
+    assert export_cli.main([str(best), "--out", str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    answers = {}
+    for name, source in (("checkpoint", best), ("export", tmp_path / "exported")):
+        assert knn_cli.main([str(source), "--data", str(runs["data"]), "--k", "10", "--cache", "none"]) == 0
+        answers[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answers["export"]["top1"] == answers["checkpoint"]["top1"] and answers["export"]["n"] == 360
+    assert answers["export"]["features_in"] is None  # the temporary store is gone: not pointed at
+
+
+def test_a_k_above_the_train_set_is_said_and_the_k_used_recorded(caplog):
+    from d2v_plugin.evaluation.knn import knn_probe
+    from d2v_plugin.evaluation.runtime import start
+
+    g = torch.Generator().manual_seed(0)
+    train, queries = torch.randn(30, 8, generator=g), torch.randn(6, 8, generator=g)
+    labels, query_labels = np.arange(30) % 3, np.arange(6) % 3
+    results = knn_probe(train, labels, queries, query_labels, 3, [10, 5000], 0.07, start("cpu"))
+    assert [(r["k"], r["k_asked"]) for r in results] == [(10, 10), (30, 5000)]
+
+
+def test_predict_with_no_classes_to_list_is_refused(runs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main([str(runs["depth4"] / "checkpoint_best.pt"), "x.png", "--topk", "0"])
+    assert exit_info.value.code == 2 and "argument --topk: 0 is not at least 1" in capsys.readouterr().err
 
 
 def test_bf16_on_the_cpu_agrees_with_fp32(runs, tmp_path):
@@ -303,3 +406,35 @@ def test_compare_shows_the_probes_and_evaluations_written_beside_a_run(runs, tmp
     report = (tmp_path / "report" / "report.md").read_text()
     row = next(line for line in report.split("## Probes and other sets")[1].splitlines() if line.startswith("| depth4"))
     assert f"{evaluated['top1']:.4f}" in row and f"{knn['top1']:.4f}" in row
+
+
+def test_compare_measures_speed_interleaved_so_drift_hits_every_model_alike(monkeypatch):
+    """On a machine that slows down as it runs (heat, other jobs), two identical models measured one after
+    the other read as different speeds; rotated rounds give them the same median."""
+    from types import SimpleNamespace
+
+    from d2v_plugin.evaluation.runtime import start
+
+    clock = SimpleNamespace(now=0.0, calls=[])
+
+    class Identical(torch.nn.Module):
+        data_cfg = SimpleNamespace(image_size=4)
+
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            clock.calls.append(self.name)
+            clock.now += 1.0 + 0.05 * len(clock.calls)  # every call slower than the last: 2x by the last one
+            return x
+
+    monkeypatch.setattr(compare_cli.time, "perf_counter", lambda: clock.now)
+    speeds = compare_cli.inference_speeds({"a": Identical("a"), "b": Identical("b"), "c": Identical("c")},
+                                          start("cpu"), batch_size=2, rounds=6, batches=1)
+    # one warm-up each, then every model once a round, the order rotated
+    assert clock.calls[:3] == ["a", "b", "c"]
+    assert clock.calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"] * 2
+    medians = [speeds[m]["median"] for m in "abc"]
+    assert max(medians) / min(medians) < 1.05, speeds  # one after the other: 1.4x apart
+    assert all(speeds[m]["min"] < speeds[m]["median"] < speeds[m]["max"] for m in "abc")  # the spread is kept

@@ -9,8 +9,22 @@ import math
 import sys
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The command's docstring as written, and each option's default after its help."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The command's docstring as written, and each option's default after its help, unless the help
+    already says it in words, the option is required or a switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.required or action.nargs == 0 or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: {_shown_default(action.default)})"
+
+
+def _shown_default(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 def make_parser(doc: str, name: str, trust_flag: bool = True) -> argparse.ArgumentParser:
@@ -20,10 +34,10 @@ def make_parser(doc: str, name: str, trust_flag: bool = True) -> argparse.Argume
         parser.add_argument("--trust-checkpoint", action="store_true",
                             help="allow full unpickling of the checkpoint (runs code from the file: trusted files only)")
         parser.add_argument("--num-heads", type=positive_int, default=None,
-                            help="attention heads, for checkpoints that do not record them (Lightning state dicts); "
-                                 "default: the file's, else data2vec's head width of 64")
+                            help="attention heads, for checkpoints that do not record them (Lightning state dicts) "
+                                 "(default: the file's, else data2vec's head width of 64)")
         parser.add_argument("--norm-eps", type=positive_float, default=None,
-                            help="LayerNorm eps, for checkpoints that do not record it; default: the file's, else 1e-6")
+                            help="LayerNorm eps, for checkpoints that do not record it (default: the file's, else 1e-6)")
     return parser
 
 
@@ -76,7 +90,8 @@ DATA_FORMATS = ("auto", "folder", "parquet", "wds")
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
                        help: str = "the dataset, as task.data: a folder tree, Parquet files or tar shards") -> None:
     """``--data`` and ``--data-format``, as the task's ``data`` and ``data_format`` settings."""
-    parser.add_argument("--data", required=required, default=None, help=help)
+    parser.add_argument("--data", required=required, default=None,
+                        help=help if required else f"{help} (default: none)")
     parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
                         help="auto (found from what --data holds), folder, parquet or wds (tar shards)")
     parser.add_argument("--cache-dir", default=None,
@@ -122,7 +137,7 @@ def emit(runtime, record: dict) -> None:
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="also write the results, with the command's settings, to this JSON Lines file (put it "
-                             "in the run's folder, e.g. RUN/eval_val.jsonl: cli.compare shows them beside the run)")
+                             "in the run's folder, e.g. RUN/eval_val.jsonl: cli.compare shows them beside the run; default: printed only)")
 
 
 def write_results(path: str | None, command: str, records: list, args) -> None:

@@ -6,7 +6,7 @@ compact encoder-only file (weights + architecture; no optimizer, EMA or decoder)
 import os
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, positive_int
 
 
 def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=None, norm_eps=None) -> dict:
@@ -15,7 +15,8 @@ def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=
     from d2v_plugin.names import COMPACT_FORMAT
 
     given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
-    cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix, given=given)
+    cfg, state = read_encoder_checkpoint(src, depth=depth, trust=trust, prefix=prefix, given=given,
+                                        depth_setting="--depth")
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     atomic_torch_save({"format": COMPACT_FORMAT, "arch": cfg.to_dict(), "encoder": state,
                        "source": os.path.abspath(src)}, out)
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
     parser = make_parser(__doc__, "convert")
     parser.add_argument("src", help="data2vec 2.0 checkpoint, Lightning student checkpoint or bare state dict")
     parser.add_argument("--out", required=True, help="where to write the compact encoder file")
-    parser.add_argument("--depth", type=int, default=None, help="keep the first N blocks (prenet blocks first)")
+    parser.add_argument("--depth", type=positive_int, default=None,
+                        help="keep the first N blocks, prenet blocks first (default: all)")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in SRC (default: found)")
     args = parser.parse_args(argv)
     load_heavy()

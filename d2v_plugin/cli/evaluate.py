@@ -5,6 +5,7 @@ top-5 as fractions of the n images read).
     torchrun --nproc_per_node=8 -m d2v_plugin.cli.evaluate CHECKPOINT --data /data/imagenet
     python -m d2v_plugin.cli.evaluate CHECKPOINT --data /data/imagenet-r --benchmark imagenet-r|auto
     python -m d2v_plugin.cli.evaluate CHECKPOINT --data /data/imagenet/val --benchmark imagenet-real --real-labels real.json
+    python -m d2v_plugin.cli.evaluate CHECKPOINT --data ROOT --out RUN/eval_val.jsonl --per-class RUN/per_class
 
 --benchmark scores another ImageNet set its own way (--data is then the set's folder, the one holding its
 class folders): imagenet-v2 (folders 0 ... 999 are class indices), imagenet-real (a prediction is right
@@ -37,12 +38,19 @@ def main(argv=None) -> int:
                              "checkpoint's training validated with)")
     parser.add_argument("--benchmark", default=None,
                         choices=("auto", "imagenet-v2", "imagenet-real", "imagenet-a", "imagenet-r", "imagenet-sketch"),
-                        help="score another ImageNet set its own way (--data: the set's folder)")
+                        help="score another ImageNet set its own way (--data: the set's folder; auto: found from what it holds; "
+                             "default: plain top-1/top-5 of --split)")
     parser.add_argument("--real-labels", default=None, help="imagenet-real: ReaL's real.json (default: in --data)")
+    parser.add_argument("--per-class", default=None, metavar="DIR",
+                        help="also write each class's top-1 (per_class.csv) and the confusion matrix (confusion.csv, "
+                             "confusion.png) to this folder (default: not written)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.real_labels and args.benchmark not in ("imagenet-real", "auto"):
         parser.error("--real-labels is for --benchmark imagenet-real")
+    if args.per_class and args.benchmark not in (None, "imagenet-v2", "imagenet-sketch"):
+        parser.error("--per-class counts a split's own classes: use it without --benchmark, or with imagenet-v2 or "
+                     "imagenet-sketch")
     load_heavy()
     from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
     from d2v_plugin.evaluation import benchmarks
@@ -71,11 +79,24 @@ def main(argv=None) -> int:
             if not model.classes and len(index.classes) != model.cfg.num_classes:
                 raise ValueError(f"{args.data}/{args.split} has {len(index.classes)} classes but the model has "
                                  f"{model.cfg.num_classes}")
-        result = evaluate(model, index, runtime, args.batch_size, args.workers, scorer, desc=f"evaluate {name}")
+        confusion = None
+        if args.per_class:
+            from d2v_plugin.evaluation.per_class import Confusion
+
+            confusion = Confusion(model.cfg.num_classes, runtime.device)
+        result = evaluate(model, index, runtime, args.batch_size, args.workers, scorer, desc=f"evaluate {name}",
+                          confusion=confusion)
         if result["n"] == 0:
             raise NothingCounted(f"no image of {index.split_dir} could be read or scored: nothing was evaluated")
         result = {**result, **details, "split": None if args.benchmark else args.split, "checkpoint": args.checkpoint,
                   "accuracy_unit": "fraction"}
+        if confusion is not None:
+            from d2v_plugin.evaluation.per_class import write_per_class
+
+            matrix = confusion.matrix(runtime)
+            if runtime.is_main:
+                names = model.classes or index.classes
+                result.update(write_per_class(args.per_class, matrix, list(names)))
         emit(runtime, result)
         if runtime.is_main:
             write_results(args.out, "evaluate", [result], args)

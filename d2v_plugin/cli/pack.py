@@ -131,10 +131,11 @@ def main(argv=None) -> int:
     parser = make_parser(__doc__, "pack", trust_flag=False)
     parser.add_argument("src", help="the dataset, as task.data takes it")
     parser.add_argument("--out", required=True, help="folder for the shards")
-    parser.add_argument("--format", required=True, choices=("parquet", "wds"))
-    parser.add_argument("--shard-size", default="1GB", help="bytes of image data per shard (default 1GB)")
+    parser.add_argument("--format", required=True, choices=("parquet", "wds"),
+                        help="parquet (files of rows: image bytes, label) or wds (WebDataset tar shards)")
+    parser.add_argument("--shard-size", default="1GB", help="image data per shard, in bytes or with a unit (KB, MB, GB)")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="the first one gives the classes")
-    parser.add_argument("--cache-dir", default=None, help="index cache (default ~/.cache/d2v_plugin/index)")
+    parser.add_argument("--cache-dir", default=None, help="folder-index cache (default: ~/.cache/d2v_plugin/index)")
     args = parser.parse_args(argv)
     load_heavy()
     with fail_cleanly():

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     add_data_arguments(parser, required=False, help="a dataset to classify the images of, instead of files (a "
                                                     "folder tree, Parquet files or tar shards)")
     parser.add_argument("--split", default="val", help="the split of --data to classify")
-    parser.add_argument("--limit", type=positive_int, default=None, help="only the split's first N images")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the split's first N images (default: all of them)")
     parser.add_argument("--topk", type=positive_int, default=5, help="classes listed per image")
     add_runtime_arguments(parser, batch_size=32)
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, positive_int
 
 
 def resize_one(job):
@@ -107,13 +107,23 @@ def preresize(root, out, short_side=320, quality=90, workers=None) -> dict:
     return counts
 
 
+def jpeg_quality(text: str) -> int:
+    """PIL's useful JPEG qualities: 1 to 95 (above 95 only grows the file)."""
+    import argparse
+
+    value = positive_int(text)
+    if value > 95:
+        raise argparse.ArgumentTypeError(f"{value} is above 95")
+    return value
+
+
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "preresize", trust_flag=False)
     parser.add_argument("root", help="dataset root holding <split>/<class>/<image>")
     parser.add_argument("--out", required=True, help="where to write the resized copy")
-    parser.add_argument("--short-side", type=int, default=320, help="the shorter side at most this many pixels")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the written files (1-95)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: the cores available)")
+    parser.add_argument("--short-side", type=positive_int, default=320, help="the shorter side at most this many pixels")
+    parser.add_argument("--quality", type=jpeg_quality, default=90, help="JPEG quality of the written files, 1 to 95")
+    parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: the cores available)")
     args = parser.parse_args(argv)
     load_heavy()
     with fail_cleanly():

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=positive_int, default=10, help="linear: epochs over the cached features")
     parser.add_argument("--block", default="last", help="the block read: 1..depth, last or last4")
     parser.add_argument("--pool", default="mean", choices=("mean", "cls", "mean+cls"), help="the tokens pooled")
-    parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoints")
+    parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoints (default: found)")
     parser.add_argument("--crop-ratio", type=ratio, default=None, help="eval crop (default: 0.875)")
     parser.add_argument("--image-size", type=positive_int, default=None, help="default: the checkpoints'")
     parser.add_argument("--cache", default=None,

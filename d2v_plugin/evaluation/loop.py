@@ -56,10 +56,11 @@ def eval_batches(index, data_cfg, runtime: Runtime, batches: list[list[int]], wo
 
 
 def evaluate(model, index, runtime: Runtime, batch_size: int = 64, workers: int | None = None,
-             scorer=None, desc: str = "evaluate") -> dict:
+             scorer=None, desc: str = "evaluate", confusion=None) -> dict:
     """Top-1 / top-5 of a loaded classifier on a split, over every rank's shard, as exact fractions of
     the images counted. ``scorer``: how another set counts (evaluation/benchmarks.py: a subset of the
-    classes, label sets); plain top-k by default."""
+    classes, label sets); plain top-k by default. ``confusion`` (evaluation/per_class.py) is shown
+    every batch's top-1 predictions."""
     workers = runtime.default_workers() if workers is None else workers
     model = model.to(runtime.device).eval()
     mine = batches_of(runtime.shard(len(index)), batch_size)
@@ -73,6 +74,8 @@ def evaluate(model, index, runtime: Runtime, batch_size: int = 64, workers: int 
             else:
                 c1, c5 = (int(c) for c in topk_correct(logits, target))
                 counted = len(target)
+            if confusion is not None:
+                confusion.add(logits, target)
             top1, top5, n = top1 + c1, top5 + c5, n + counted
     top1, top5, n = runtime.sum([top1, top5, n])
     seconds = time.perf_counter() - start

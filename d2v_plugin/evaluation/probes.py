@@ -119,7 +119,7 @@ def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str
     train = feats.splits[train_split]
     n_train = int((train.labels >= 0).sum())
     extract = round(sum(s.cost["extract_s"] for s in feats.splits.values()), 3)
-    stores = [s.cost["store"] for s in feats.splits.values()]
+    stores = None if feats.temporary else [s.cost["store"] for s in feats.splits.values()]  # None: removed after
     for r in results:
         yield {**r, "n_train": n_train, **feats.describe(), **runtime.describe(), "extract_s": extract,
                "features_in": stores}

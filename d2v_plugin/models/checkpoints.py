@@ -528,9 +528,11 @@ def encoder_part(ckpt: Checkpoint, depth: int | None = None, image_size: int | N
 
 
 def read_encoder_checkpoint(path: str, depth: int | None = None, trust: bool = False, prefix: str | None = None,
-                            given: dict | None = None, image_size: int | None = None) -> tuple[EncoderConfig, dict]:
+                            given: dict | None = None, image_size: int | None = None,
+                            depth_setting: str = "model.depth") -> tuple[EncoderConfig, dict]:
     """(architecture, encoder state dict in this plugin's key names) of a checkpoint in any layout."""
-    return encoder_part(read_checkpoint(path, trust=trust, prefix=prefix, given=given), depth, image_size)
+    return encoder_part(read_checkpoint(path, trust=trust, prefix=prefix, given=given), depth, image_size,
+                        depth_setting)
 
 
 # --- loading into a module ------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
 from d2v_plugin import compat
-from d2v_plugin.cluster import (MicroBatchPlaces, ResumableEpochBatchIterator, StopRequest, micro_batch_seed,
-                                parse_signals)
+from d2v_plugin.cluster import (MicroBatchPlaces, ResumableEpochBatchIterator, StopRequest, cores_per_local_rank,
+                                data_parallel_rank_and_size, micro_batch_seed, parse_signals)
 from d2v_plugin.data import DataError, ImageFolderDataset, resolve_data_config, train_transform
 from d2v_plugin.data.containers import open_split
 from d2v_plugin.data.dataset import BadImageReport, tag_batches_with_epoch
@@ -23,8 +23,8 @@ from d2v_plugin.data.transforms import data_eval_transform, interpolation_modes
 from d2v_plugin.models.checkpoints import load_file
 from d2v_plugin.models.classifier import record_architecture
 from d2v_plugin.names import TASK_NAME
-from d2v_plugin.training import (build_config_for_resume, checkpoint_fairseq_restores, check_precision,
-                                 resolve_update_freq, run_config)
+from d2v_plugin.training import (UpdatePace, build_config_for_resume, checkpoint_fairseq_restores, check_precision,
+                                 check_workers, resolve_update_freq, run_config)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class ImageFolderClassificationTask(FairseqTask):
         self.stop_signals = parse_signals(cfg.save_on_signal)
         self.stop_request = None  # a StopRequest once a training run starts (get_batch_iterator)
         self.micro_batch_places = MicroBatchPlaces()
+        self.pace = None  # the training's measured pace, said once (an UpdatePace once a training run starts)
 
     @classmethod
     def setup_task(cls, cfg: ImageFolderClassificationConfig, from_checkpoint: bool = False, **kwargs):
@@ -135,6 +136,8 @@ class ImageFolderClassificationTask(FairseqTask):
         if run is not None:
             check_precision(run.common)
             resolve_update_freq(cfg.global_batch_size, run)
+            compat.install_finished_run_check()  # a finished run is not stepped again (compat.py, 5)
+            check_workers(run.dataset, cores_per_local_rank(run.distributed_training))
         train = open_split(cfg.data, cfg.train_split, cache_dir=cfg.cache_dir, data_format=cfg.data_format,
                            on_bad_image=cfg.on_bad_image)
         logger.info(f"{len(train.classes)} classes in {train.split_dir}")
@@ -180,6 +183,8 @@ class ImageFolderClassificationTask(FairseqTask):
         place = self.micro_batch_places(update_num)
         criterion.set_update(update_num, place)
         utils.set_torch_seed(micro_batch_seed(self.cfg.seed, update_num, place))
+        if self.pace is not None:
+            self.pace.seen(update_num)
         loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
                                                                ignore_grad)
         if self.stop_request is not None:
@@ -211,6 +216,8 @@ class ImageFolderClassificationTask(FairseqTask):
             required_batch_size_multiple = 1
         if is_train and self.stop_request is None and getattr(self, "run", None) is not None:
             self.start_stopping_on_signals()
+        if is_train and self.pace is None and getattr(self, "run", None) is not None:
+            self.pace = self.update_pace(len(dataset))
         if self.stop_request is not None:  # before fairseq starts (forks) the data-loading workers
             dataset.stop_signals = self.stop_request.signals
         # With no workers fairseq loads batches in a background thread (data_buffer_size); timm's
@@ -235,6 +242,16 @@ class ImageFolderClassificationTask(FairseqTask):
                             f"ahead of the training step (task.device_decode)")
                 epoch_iter.batches_through = lambda batches: DevicePrefetcher(batches, self.decode_on_device, device)
         return epoch_iter
+
+    def update_pace(self, images: int) -> UpdatePace | None:
+        """What measures and says the training's pace (rank 0 only)."""
+        rank, world = data_parallel_rank_and_size()
+        if rank != 0:
+            return None
+        opt, dataset = self.run.optimization, self.run.dataset
+        per_rank_batches = -(-images // max(world, 1) // max(dataset.batch_size or 1, 1))
+        updates_per_epoch = max(1, -(-per_rank_batches // max(opt.update_freq[0], 1)))
+        return UpdatePace(self.run.common.log_interval, opt.max_update, updates_per_epoch, opt.max_epoch)
 
     def training_device(self) -> torch.device:
         """The device fairseq trains on in this process (it has set the current CUDA device by now)."""
