@@ -210,7 +210,9 @@ def test_compare_two_runs_writes_plots_and_a_report_matching_the_logs(runs, tmp_
 
 
 def error_line(capsys):
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    # progress bars (tqdm redraws with carriage returns) are not messages; everything else on stderr is
+    lines = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.strip().splitlines()]
+    err = [line for line in lines if line.strip() and not re.search(r"\|\s*\d+/\d+ \[", line)]
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
@@ -237,6 +239,8 @@ def error_line(capsys):
     (convert_cli, ["{init}", "--out", "{tmp}/x.pt", "--depth", "99"], "--depth=99 but the checkpoint has 6 blocks"),
     (evaluate_cli, ["{best}", "--data", "{data}", "--data-format", "parquet"], "(--data-format=parquet)"),
     (compare_cli, ["{tmp}/unrelated", "--out", "{tmp}/r"], "unrelated: no fairseq training log found"),
+    # a split whose every image is unreadable: not {"top1": 0.0, "n": 0} and exit status 0
+    (evaluate_cli, ["{best}", "--data", "{tmp}/allbad"], "could be read or scored: nothing was evaluated"),
 ])
 def test_bad_inputs_end_with_one_clear_error_line(runs, tmp_path, capsys, command, args, expected):
     (tmp_path / "notes.txt").write_text("just text")
@@ -244,6 +248,8 @@ def test_bad_inputs_end_with_one_clear_error_line(runs, tmp_path, capsys, comman
     (tmp_path / "unrelated" / "sub").mkdir(parents=True)
     (tmp_path / "unrelated" / "notes.md").write_text("a folder holding no run")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100))
+    (tmp_path / "allbad" / "val" / "3").mkdir(parents=True)
+    (tmp_path / "allbad" / "val" / "3" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     values = {"missing": tmp_path / "missing.pt", "text": tmp_path / "notes.txt", "tmp": tmp_path,
               "init": runs["init"], "data": runs["data"], "best": runs["depth4"] / "checkpoint_best.pt",
               "image": next((runs["data"] / "val" / "3").iterdir()), "readme": os.path.join(REPO, "README.md"),
@@ -261,6 +267,7 @@ def test_bad_inputs_end_with_one_clear_error_line(runs, tmp_path, capsys, comman
     (evaluate_cli, ["--batch-size", "0"], "--batch-size"),
     (evaluate_cli, ["--crop-ratio", "0"], "--crop-ratio"),
     (evaluate_cli, ["--crop-ratio", "1.5"], "--crop-ratio"),
+    (evaluate_cli, ["--crop-ratio", "nan"], "--crop-ratio"),
     (evaluate_cli, ["--workers", "-1"], "--workers"),
     (predict_cli, ["--topk", "0"], "--topk"),
     (predict_cli, ["--limit", "0"], "--limit"),

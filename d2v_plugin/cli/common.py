@@ -43,45 +43,43 @@ def make_parser(doc: str, name: str, trust_flag: bool = True) -> argparse.Argume
 
 # argument types: a bad value stops the command at once, naming the flag (argparse: "argument --x: ...")
 
-def positive_int(text: str) -> int:
+def _parsed(text: str, kind):
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+
+
+def _checked(value, ok: bool, why: str):
+    if not ok:
+        raise argparse.ArgumentTypeError(why)
     return value
+
+
+def positive_int(text: str) -> int:
+    value = _parsed(text, int)
+    return _checked(value, value >= 1, f"{value} is not at least 1")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+    value = _parsed(text, int)
+    return _checked(value, value >= 0, f"{value} is negative")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+    value = _parsed(text, float)
+    return _checked(value, math.isfinite(value) and value > 0, f"{text} is not a positive number")
+
+
+def nonnegative_float(text: str) -> float:
+    value = _parsed(text, float)
+    return _checked(value, math.isfinite(value) and value >= 0, f"{text} is not a number >= 0")
 
 
 def ratio(text: str) -> float:
     """A fraction in (0, 1] (a crop ratio)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:  # (nan too)
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
+    value = _parsed(text, float)
+    return _checked(value, 0 < value <= 1, f"{text} is not in (0, 1]")  # (nan fails too)
 
 
 DATA_FORMATS = ("auto", "folder", "parquet", "wds")

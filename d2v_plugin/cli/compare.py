@@ -335,23 +335,9 @@ def plot_tracks(results_by_run: dict, out_dir: str) -> str | None:
             series.setdefault(f"{label}: {probe}", []).append((r["update"], 100 * r["top1"]))
     if not series:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from d2v_plugin.evaluation.tracking import plot_top1_vs_update
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
-    ax.set_xlabel("pretraining update")
-    ax.set_ylabel("val top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "tracks_top1_vs_update.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_top1_vs_update(os.path.join(out_dir, "tracks_top1_vs_update.png"), series, legend_size=7)
 
 
 def _fmt(value, spec):

@@ -21,7 +21,7 @@ the linear and few-shot probes and prints.
 import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
-                                   load_heavy, make_parser, nonnegative_int, positive_float, positive_int, ratio,
+                                   load_heavy, make_parser, nonnegative_float, nonnegative_int, positive_float, positive_int, ratio,
                                    start_runtime, write_results)
 from d2v_plugin.cli.knn import add_encoder_arguments
 
@@ -33,12 +33,6 @@ def fraction_open(text: str) -> float:
 
         raise argparse.ArgumentTypeError(f"{text} is not below 1")
     return value
-
-
-def nonnegative_float(text: str) -> float:
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return positive_float(text)
 
 
 def main(argv=None) -> int:

@@ -85,17 +85,23 @@ def write_track(run_dir: str, lines: list[dict]) -> None:
 
 
 def plot_track(run_dir: str, lines: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = {}
     for r in lines:
         if r.get("update") is None or "top1" not in r:
             continue
         label = r["probe"] + (f" k={r['k']}" if r.get("k") else f" {r['shots']}-shot" if r.get("shots") else "")
         series.setdefault(label, []).append((r["update"], 100 * r["top1"]))
+    return plot_top1_vs_update(os.path.join(run_dir, PLOT_FILE), series)
+
+
+def plot_top1_vs_update(path: str, series: dict, legend_size=None) -> str:
+    """A PNG of val top-1 (%) against the pretraining update: one line per ``series`` entry (label ->
+    [(update, top-1 %)]), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for label, points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
@@ -104,9 +110,8 @@ def plot_track(run_dir: str, lines: list[dict]) -> str:
     ax.set_ylabel("val top-1 (%)")
     ax.grid(alpha=0.3)
     if series:
-        ax.legend()
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    path = os.path.join(run_dir, PLOT_FILE)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
