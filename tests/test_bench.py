@@ -76,6 +76,7 @@ def test_the_evaluation_section_measures_ours_the_plain_loop_the_search_and_the_
     assert search["ours"]["median"] > 0 and search["sklearn"]["median"] > 0
     scale = ev.knn_scale(str(tmp_path / "scale"), n=5000, dim=32, queries=100, sklearn_subset=2000, sklearn_queries=50)
     assert scale["ours"]["k"] == 20 and scale["ours"]["peak_rss_mib"] > 0
+    assert scale["ours"]["peak_allocated_mib"] > 0 and scale["ours"]["peak_file_pages_mib"] > 0  # Linux's /proc
     probes = ev.probe_costs(n_train=300, n_val=50, dim=16, classes=5)
     assert len(probes["seconds"]) == 3
     lines = ev.report({"evaluation": {"evaluate": rates, "knn_vs_sklearn": search, "knn_scale": scale,

@@ -99,6 +99,26 @@ def test_knn_across_ranks_and_chunks_is_exactly_one_pass(tiny):
     assert torch.equal(whole.index, top.indices) and torch.allclose(whole.sims, top.values, atol=1e-6)
 
 
+def test_a_block_of_similarities_never_exceeds_its_memory_bound(tiny, monkeypatch):
+    """The default query chunk follows from the bound: at ImageNet size 10,000 queries x 65,536 rows in one
+    block were 2.5 GB (and the next block was computed before the last was freed)."""
+    from d2v_plugin.evaluation import knn
+
+    runtime = start("cpu")
+    feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,
+                            store=str(tiny / "f_bound"))
+    train, val = feats.splits["train"], feats.splits["val"]
+    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    whole = nearest(train.view([0]), train.labels, queries, 5, runtime)
+    blocks = []
+    merge = knn._merge
+    monkeypatch.setattr(knn, "_merge", lambda s, i, k: (blocks.append(len(s)), merge(s, i, k))[1])
+    monkeypatch.setattr(knn, "SIMILARITY_BYTES", 4 * 8 * 4)  # 4 queries x 8 training rows of fp32
+    bounded = nearest(train.view([0]), train.labels, queries, 5, runtime, train_chunk=8)
+    assert blocks and max(blocks) == 4 and len(blocks) == 4 * 4  # 15 queries in 4 chunks x 27 rows in 4 chunks
+    assert torch.equal(whole.index, bounded.index) and torch.allclose(whole.sims, bounded.sims, atol=1e-6)
+
+
 def test_several_k_in_one_pass_give_what_separate_runs_give(tiny):
     runtime = start("cpu")
     feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,

@@ -3,8 +3,8 @@ L2-normalised features, every query votes with its k most cosine-similar trainin
 exp(similarity / T). Several k are answered by one search (the k largest of them, cut).
 
 At ImageNet size: similarities and the running top-k are computed on the device in chunks (a chunk of
-training rows read from the memory-mapped store, against every query), so memory is bounded by the
-chunk sizes and never N_val x N_train; the training rows are split over the ranks in chunks (chunk c to
+training rows read from the memory-mapped store, against a chunk of queries), so memory is bounded by the
+chunk sizes (a block of similarities is at most ``SIMILARITY_BYTES``) and never N_val x N_train; the training rows are split over the ranks in chunks (chunk c to
 rank c % ranks, DINOv2's scheme), each rank's best candidates are gathered and merged. Chunks and ties
 are fixed by the rows' global order, so any number of ranks gives exactly one rank's answer.
 """
@@ -21,7 +21,7 @@ from d2v_plugin.evaluation.metrics import fraction
 from d2v_plugin.evaluation.runtime import Runtime
 
 TRAIN_CHUNK = 65_536
-QUERY_CHUNK = 4_096
+SIMILARITY_BYTES = 256 * 2**20  # one block of similarities (queries x training rows, fp32)
 
 
 def _merge(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,8 @@ def _merge(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor,
 def _rows(features, rows: slice, device, dtype) -> torch.Tensor:
     """Training rows of a view (a memory-mapped array or a tensor), L2-normalised on the device."""
     block = features[rows]
-    block = torch.from_numpy(np.ascontiguousarray(block)) if isinstance(block, np.ndarray) else block
+    # one copy, straight to fp32 (a read-only memory-mapped block cannot be a tensor as it is)
+    block = torch.from_numpy(np.array(block, dtype=np.float32)) if isinstance(block, np.ndarray) else block
     return F.normalize(block.to(device=device, dtype=torch.float32), dim=-1).to(dtype)
 
 
@@ -48,7 +49,7 @@ class Neighbours(NamedTuple):
 
 
 def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runtime: Runtime,
-            train_chunk: int = TRAIN_CHUNK, query_chunk: int = QUERY_CHUNK) -> Neighbours:
+            train_chunk: int = TRAIN_CHUNK, query_chunk: int | None = None) -> Neighbours:
     """Each query's k nearest training rows (rows labelled -1, unreadable images, left out), over every
     rank's chunks of ``train`` (array-like [N, D])."""
     device = runtime.device
@@ -59,6 +60,7 @@ def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runt
     best_s = torch.full((n_q, k), -float("inf"), device=device)
     best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
     chunks = range(0, len(labels_all), train_chunk)
+    query_chunk = query_chunk or max(1, SIMILARITY_BYTES // (4 * train_chunk))
     for c, start in enumerate(chunks):
         if c % runtime.world != runtime.rank:
             continue
@@ -73,6 +75,7 @@ def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runt
             cand_s = torch.cat([best_s[qs:qs + query_chunk], top.values], dim=1)
             cand_i = torch.cat([best_i[qs:qs + query_chunk], ids[top.indices]], dim=1)
             best_s[qs:qs + query_chunk], best_i[qs:qs + query_chunk] = _merge(cand_s, cand_i, k)
+            del sims, top  # freed before the next block is computed, not after: one block at a time
     if runtime.distributed:
         best_s, best_i = _merge(torch.cat(runtime.gather(best_s), 1).to(device),
                                 torch.cat(runtime.gather(best_i), 1).to(device), k)

@@ -117,8 +117,11 @@ def synthetic_store(folder: str, n: int, dim: int, classes: int = 1000, seed: in
 
 def knn_scale_worker(folder: str, n: int, dim: int, queries: int, device: str) -> dict:
     """In a process of its own: kNN of ``queries`` against the store's ``n`` rows (memory-mapped), time and
-    peak memory."""
+    peak memory: the max RSS, and its peak parts sampled every 20 ms where /proc tells them (allocated
+    memory, and file pages: the memory-mapped store's pages read so far, which the kernel can drop, and the
+    libraries')."""
     import resource
+    import threading
 
     import torch
 
@@ -130,13 +133,32 @@ def knn_scale_worker(folder: str, n: int, dim: int, queries: int, device: str) -
     q = torch.from_numpy(np.random.default_rng(1).standard_normal((queries, dim), dtype=np.float32))
     runtime = Runtime(torch.device(device), "fp32")
     view = _Flat(features)
+    parts, done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
+
+    def read():
+        if os.path.exists("/proc/self/status"):
+            for line in open("/proc/self/status"):
+                name, _, value = line.partition(":")
+                if name in parts:
+                    parts[name] = max(parts[name], int(value.split()[0]) / 1024)
+
+    def sample():
+        while not done.wait(0.02):
+            read()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     found = nearest(view, labels, q, 20, runtime)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    read()  # a search shorter than one sampling interval
     return {"seconds": seconds, "queries_per_s": queries / seconds, "k": found.k,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_allocated_mib": parts["RssAnon"] or None, "peak_file_pages_mib": parts["RssFile"] or None,
             "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
@@ -238,6 +260,8 @@ def run() -> dict:
 
 
 def report(results: dict) -> list:
+    from d2v_plugin.evaluation.knn import SIMILARITY_BYTES
+
     e = results["evaluation"]
     r = e["evaluate"]
     ref = r["results"]["plain ImageFolder loop"]["median"]
@@ -260,8 +284,13 @@ def report(results: dict) -> list:
     lines += ["", f"At ImageNet's size: {s['queries']:,} queries against {s['train_rows']:,} x {s['dim']} fp16 features "
               "held in a memory-mapped store on disk (2 GB), on this machine, in a process of its own: "
               f"{s['ours']['seconds']:.0f} s ({s['ours']['queries_per_s']:.0f} queries/s), peak memory "
-              f"{s['ours']['peak_rss_mib']:.0f} MiB (the process's max RSS, torch's libraries included: no "
-              "N_val x N_train matrix is built). scikit-learn's brute-force search on a "
+              f"{s['ours']['peak_rss_mib']:.0f} MiB (the process's max RSS, torch's libraries included"
+              + (f"; at its peak {s['ours']['peak_allocated_mib']:.0f} MiB allocated and "
+                 f"{s['ours']['peak_file_pages_mib']:.0f} MiB of file pages, most of them the store's pages read "
+                 "so far, which the kernel can drop" if s["ours"].get("peak_allocated_mib") else "")
+              + f": a block of similarities is at most {SIMILARITY_BYTES // 2**20} MiB; the N_val x N_train matrix, "
+              f"never built, would be {s['queries'] * s['train_rows'] * 4 / 1e9:.0f} GB in fp32). "
+              "scikit-learn's brute-force search on a "
               f"{s['sklearn']['train_rows']:,}-row subset: {s['sklearn']['queries_per_s']:.0f} queries/s (it holds "
               "the rows in memory as fp32).", ""]
     p = e["probes"]
