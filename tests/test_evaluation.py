@@ -83,12 +83,17 @@ def test_two_ranks_under_torchrun_give_one_ranks_results(tiny):
     assert results(one.stdout) == results(two.stdout) and [r["k"] for r in results(one.stdout)] == [3, 5]
 
 
-def test_knn_across_ranks_and_chunks_is_exactly_one_pass(tiny):
+def knn_inputs(tiny, store):
+    """The CPU runtime, the train and val splits' features, and the val features as queries."""
     runtime = start("cpu")
     feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,
-                            store=str(tiny / "f_chunks"))
+                            store=str(tiny / store))
     train, val = feats.splits["train"], feats.splits["val"]
-    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    return runtime, train, val, torch.from_numpy(np.array(val.view([0])[:]))
+
+
+def test_knn_across_ranks_and_chunks_is_exactly_one_pass(tiny):
+    runtime, train, _, queries = knn_inputs(tiny, "f_chunks")
     whole = nearest(train.view([0]), train.labels, queries, 5, runtime)
     small = nearest(train.view([0]), train.labels, queries, 5, runtime, train_chunk=4, query_chunk=3)
     assert torch.equal(whole.index, small.index) and torch.allclose(whole.sims, small.sims, atol=1e-6)
@@ -104,11 +109,7 @@ def test_a_block_of_similarities_never_exceeds_its_memory_bound(tiny, monkeypatc
     block were 2.5 GB (and the next block was computed before the last was freed)."""
     from d2v_plugin.evaluation import knn
 
-    runtime = start("cpu")
-    feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,
-                            store=str(tiny / "f_bound"))
-    train, val = feats.splits["train"], feats.splits["val"]
-    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    runtime, train, _, queries = knn_inputs(tiny, "f_bound")
     whole = nearest(train.view([0]), train.labels, queries, 5, runtime)
     blocks = []
     merge = knn._merge
@@ -120,11 +121,7 @@ def test_a_block_of_similarities_never_exceeds_its_memory_bound(tiny, monkeypatc
 
 
 def test_several_k_in_one_pass_give_what_separate_runs_give(tiny):
-    runtime = start("cpu")
-    feats = cached_features(str(tiny / "init.pt"), str(tiny / "images"), ["train", "val"], runtime,
-                            store=str(tiny / "f_k"))
-    train, val = feats.splits["train"], feats.splits["val"]
-    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    runtime, train, val, queries = knn_inputs(tiny, "f_k")
     together = knn_probe(train.view([0]), train.labels, queries, val.labels, 3, [1, 3, 10], 0.07, runtime)
     alone = [knn_probe(train.view([0]), train.labels, queries, val.labels, 3, [k], 0.07, runtime)[0] for k in (1, 3, 10)]
     drop = ("search_s",)
