@@ -21,8 +21,8 @@ the linear and few-shot probes and prints.
 import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
-                                   load_heavy, make_parser, nonnegative_float, nonnegative_int, positive_float, positive_int, ratio,
-                                   start_runtime, write_results)
+                                   load_heavy, make_parser, nonnegative_float, nonnegative_int, positive_float,
+                                   positive_int, ratio, start_runtime, write_results)
 from d2v_plugin.cli.knn import add_encoder_arguments
 
 

@@ -3,10 +3,11 @@ L2-normalised features, every query votes with its k most cosine-similar trainin
 exp(similarity / T). Several k are answered by one search (the k largest of them, cut).
 
 At ImageNet size: similarities and the running top-k are computed on the device in chunks (a chunk of
-training rows read from the memory-mapped store, against a chunk of queries), so memory is bounded by the
-chunk sizes (a block of similarities is at most ``SIMILARITY_BYTES``) and never N_val x N_train; the training rows are split over the ranks in chunks (chunk c to
-rank c % ranks, DINOv2's scheme), each rank's best candidates are gathered and merged. Chunks and ties
-are fixed by the rows' global order, so any number of ranks gives exactly one rank's answer.
+training rows read from the memory-mapped store, against a chunk of queries), so memory is bounded by
+the chunk sizes (a block of similarities is at most ``SIMILARITY_BYTES``) and never N_val x N_train;
+the training rows are split over the ranks in chunks (chunk c to rank c % ranks, DINOv2's scheme),
+each rank's best candidates are gathered and merged. Chunks and ties are fixed by the rows' global
+order, so any number of ranks gives exactly one rank's answer.
 """
 from __future__ import annotations
 
