@@ -19,7 +19,7 @@ from omegaconf import II
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from d2v_plugin.evaluation.metrics import topk_correct
+from d2v_plugin.evaluation.metrics import percent, topk_correct
 from d2v_plugin.names import CRITERION_NAME
 
 
@@ -129,8 +129,8 @@ class MixupCrossEntropyCriterion(FairseqCriterion):
             metrics.log_scalar_sum("_correct", total("correct"))
             metrics.log_scalar_sum("_correct5", total("correct5"))
             metrics.log_scalar_sum("n", n)  # images validated, summed over workers
-            metrics.log_derived("accuracy", lambda m: round(100.0 * float(m["_correct"].sum) / max(float(m["n"].sum), 1), 3))
-            metrics.log_derived("top5", lambda m: round(100.0 * float(m["_correct5"].sum) / max(float(m["n"].sum), 1), 3))
+            metrics.log_derived("accuracy", lambda m: percent(m["_correct"].sum, m["n"].sum))
+            metrics.log_derived("top5", lambda m: percent(m["_correct5"].sum, m["n"].sum))
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

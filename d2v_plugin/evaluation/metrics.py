@@ -29,8 +29,3 @@ def fraction(correct: int, n: int) -> float:
 def percent(correct, n) -> float:
     """The same count as fairseq's log prints it."""
     return round(100.0 * float(correct) / max(float(n), 1.0), 3)
-
-
-def log_accuracy_to_fraction(value: float) -> float:
-    """A validation accuracy read from fairseq's log (percent) as the commands print it (fraction)."""
-    return float(value) / 100.0
