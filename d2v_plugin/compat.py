@@ -229,7 +229,8 @@ def validate_and_save_or_stop(cfg, trainer, task, epoch_itr, valid_subsets, end_
     if should_stop:  # the run is complete (max_update, ...) at this update: it ends as usual
         return valid_losses, should_stop
     if not counted.calls:
-        real.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)  # checkpoint_last.pt, no validation not due
+        # checkpoint_last.pt; no validation is due at this update
+        real.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)
     stop.finish(trainer, cfg)
 
 
