@@ -46,7 +46,15 @@ upstream behaviour it changes is still there (tests/test_compat.py), so it can g
    of that section nearest the typo). The error stays a ``ConfigKeyError``. (Without the ``+`` Hydra
    refuses the override before fairseq has imported the plugin: that message is Hydra's.)
 
-7. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
+7. fairseq's own checkpoint loading checked first. ``checkpoint_utils.load_checkpoint_to_cpu`` (a resume,
+   ``checkpoint.restore_file``, ``finetune_from_model``, fairseq-validate) calls ``torch.load``, which
+   hands a TorchScript archive to ``torch.jit.load``: the archive's code runs (with weights_only=False,
+   which users of data2vec's checkpoints set through TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), or torch refuses
+   it with a message about weights_only that does not name the file. The patch runs the plugin's checks
+   of a file from outside (models/safe_load.py ``check_file``: a regular file, torch.save's format, not
+   TorchScript) before fairseq's function opens a local path.
+
+8. timm's posterize at 0 bits. RandAugment's increasing posterize ('inc1' policies, which data2vec's
    fine-tuning uses) asks Pillow for 0 bits at full magnitude; Pillow >= 10 refuses (ValueError) where
    it used to return black. The patch keeps timm's meaning: 0 bits kept is a black image.
 """
@@ -56,6 +64,7 @@ import os
 import shutil
 
 import fairseq
+import fairseq.checkpoint_utils
 import fairseq.dataclass.utils
 import torch
 from omegaconf.errors import ConfigKeyError
@@ -72,6 +81,7 @@ _original_fp16_state_dict = _FP16OptimizerMixin.state_dict
 _original_fp16_load_state_dict = _FP16OptimizerMixin.load_state_dict
 _original_composite_init = FairseqCompositeOptimizer.__init__
 _original_merge_with_parent = fairseq.dataclass.utils.merge_with_parent
+_original_load_checkpoint_to_cpu = fairseq.checkpoint_utils.load_checkpoint_to_cpu
 
 MASTERS_KEY, SCALER_KEY = "d2v_fp32_masters", "d2v_loss_scaler"
 SCALER_COUNTERS = ("_iter", "_last_overflow_iter", "_last_rescale_iter", "_overflows_since_rescale")
@@ -122,6 +132,15 @@ def fp16_load_state_dict_with_masters(self, state_dict, optimizer_overrides=None
             setattr(self.scaler, k, v)
 
 
+def load_checkpoint_to_cpu_checked(path, arg_overrides=None, load_on_all_ranks=False):
+    """fairseq's ``load_checkpoint_to_cpu``, after the plugin's checks of a local file (patch 7)."""
+    if "://" not in str(path):
+        from d2v_plugin.models.safe_load import check_file
+
+        check_file(path)
+    return _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+
+
 def composite_init_with_own_dicts(self, cfg, params):
     self.optimizers, self.lr_schedulers = {}, {}  # instance attributes, shadowing fairseq's shared class dicts
     _original_composite_init(self, cfg, params)
@@ -131,11 +150,12 @@ FAIRSEQ_WRITTEN_FOR = "0.12."  # fairseq-fixed 0.12.3.1, the pinned version
 
 
 def install() -> None:
-    """Install the fairseq patches (1-3, 6); on another fairseq than they were written for, none."""
+    """Install the fairseq patches (1-3, 6, 7); on another fairseq than they were written for, none."""
     if not fairseq.__version__.startswith(FAIRSEQ_WRITTEN_FOR):
         logger.warning(f"d2v_plugin's fairseq patches were written for fairseq {FAIRSEQ_WRITTEN_FOR}x, this is "
                        f"{fairseq.__version__}: not installed (atomic checkpoint copies, exact half-precision "
-                       f"resumes, per-instance composite optimizer groups, unknown keys named)")
+                       f"resumes, per-instance composite optimizer groups, unknown keys named, checkpoints checked before "
+                       f"fairseq loads them)")
         return
     if PathManager.copy is not atomic_copy:
         PathManager.copy = staticmethod(atomic_copy)
@@ -146,6 +166,8 @@ def install() -> None:
         FairseqCompositeOptimizer.__init__ = composite_init_with_own_dicts
     if fairseq.dataclass.utils.merge_with_parent is not merge_with_parent_naming_unknown_keys:
         fairseq.dataclass.utils.merge_with_parent = merge_with_parent_naming_unknown_keys
+    if fairseq.checkpoint_utils.load_checkpoint_to_cpu is not load_checkpoint_to_cpu_checked:
+        fairseq.checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu_checked
 
 
 class UnknownSetting(ConfigKeyError):
@@ -316,7 +338,7 @@ def _posterize(img, bits_to_keep: int, **_):
 
 
 def install_timm_posterize_fix() -> None:
-    """Patch 5, for Pillow >= 10 (which refuses 0 bits)."""
+    """Patch 8, for Pillow >= 10 (which refuses 0 bits)."""
     import PIL
     from timm.data import auto_augment
 

@@ -189,3 +189,127 @@ def test_weights_that_cannot_be_right_are_named_and_an_export_of_them_is_refused
                                               r"not exported"):
         export(str(tmp_path / "nan.pt"), str(tmp_path / "out"), num_heads=4)
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+# every way a file from outside reaches a torch loader, each called in one process whose peak memory is measured
+ENTRY_POINTS = r'''
+import contextlib, io, json, os, resource, sys
+path, marker, data, image, tmp = sys.argv[1:]
+import d2v_plugin
+d2v_plugin.register()  # as fairseq's user dir: the compat patches, fairseq's own loading among them
+from d2v_plugin.cli import compare, convert, evaluate, export, knn, predict, probe, track
+from d2v_plugin.models.safe_load import load_file
+import fairseq.checkpoint_utils, matplotlib.pyplot
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # torch's CUDA build alone is ~700 MiB
+
+def command(module, *args):
+    return lambda: module.main([str(a) for a in args])
+
+calls = {
+    "evaluate": command(evaluate, path, "--data", data, "--workers", 0),
+    "convert": command(convert, path, "--out", os.path.join(tmp, "out.pt")),
+    "predict": command(predict, path, image),
+    "knn": command(knn, path, "--data", data, "--workers", 0, "--cache", "none"),
+    "probe": command(probe, path, "--data", data, "--workers", 0, "--cache", "none"),
+    "export": command(export, path, "--out", os.path.join(tmp, "export")),
+    "compare": command(compare, os.path.join(tmp, "run"), "--out", os.path.join(tmp, "report"), "--no-speed"),
+    "track": command(track, os.path.join(tmp, "pretraining"), "--data", data, "--workers", 0),
+    "load_classifier": lambda: d2v_plugin.load_classifier(path),
+    "load_file(mmap=True)": lambda: load_file(path, mmap=True),
+    "load_file(trust=True)": lambda: load_file(path, trust=True),
+    "fairseq load_checkpoint_to_cpu": lambda: fairseq.checkpoint_utils.load_checkpoint_to_cpu(path),
+}
+said = {}
+for name, call in calls.items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            call()
+            outcome = "returned"
+        except SystemExit as stop:
+            outcome = f"exit {stop.code}"
+        except Exception as error:
+            outcome = f"{type(error).__name__}: {error}"
+    said[name] = [outcome, err.getvalue()]
+print(json.dumps({"said": said, "imported_mib": imported,
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+'''
+
+
+def test_a_torchscript_archive_is_refused_by_every_entry_point_before_its_code_runs(tmp_path, image_root):
+    from crafted import torchscript_archive
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "run" / "checkpoint_best.pt"  # named as compare and resumes look for it
+    evil.parent.mkdir()
+    torchscript_archive(evil, marker)
+    (evil.parent / "train.log").write_text('[2026-12-01 10:00:00,000][valid][INFO] - {"epoch": 1, '
+                                           '"valid_accuracy": "50.0", "valid_num_updates": "10"}\n')
+    (tmp_path / "pretraining").mkdir()
+    os.link(evil, tmp_path / "pretraining" / "checkpoint_1_10.pt")
+    image = next((image_root / "val" / "class_0").iterdir())
+    out = subprocess.run([sys.executable, "-c", ENTRY_POINTS, str(evil), str(marker), str(image_root), str(image),
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not marker.exists() and "payload ran" not in out.stdout + out.stderr
+    # the payload fills 4 GiB; the calls, beyond the imports they share, stay under 1 GiB
+    assert report["peak_mib"] - report["imported_mib"] < 1024, report
+    for name, (outcome, stderr) in report["said"].items():
+        told = outcome + stderr
+        named = tmp_path / "pretraining" / "checkpoint_1_10.pt" if name == "track" else evil
+        assert f"{named} is a TorchScript archive" in told, (name, told)
+        if name == "track":  # a decoy among a run's checkpoints is skipped, named; the pass goes on
+            assert outcome == "returned" and "not tracked" in stderr, (name, told)
+        elif name.startswith(("load_", "fairseq")):
+            assert outcome.startswith("CheckpointError"), (name, told)
+        else:
+            assert outcome == "exit 2" and "Traceback" not in stderr and stderr.count("\n") == 1, (name, told)
+
+
+def test_a_torchscript_archive_left_as_checkpoint_last_stops_the_resume_before_its_code_runs(tmp_path, image_root):
+    from conftest import exception_line, run, train_cmd
+    from crafted import torchscript_archive
+
+    marker = tmp_path / "marker"
+    (tmp_path / "run").mkdir()
+    torchscript_archive(tmp_path / "run" / "checkpoint_last.pt", marker)
+    result = run(train_cmd(tmp_path, image_root, tmp_path / "run"))
+    assert result.returncode != 0 and not marker.exists() and "payload ran" not in result.stdout
+    assert "checkpoint_last.pt is a TorchScript archive" in exception_line(result.stderr, ("d2v_plugin.",))
+
+
+def test_a_legacy_checkpoint_nested_deeply_is_refused_before_it_is_unpickled(tmp_path):
+    import pickle
+    import time
+
+    from crafted import nested_lists
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    path = tmp_path / "deep_legacy.pt"  # torch.save's format before 1.6: four pickles, then the storages
+    with open(path, "wb") as f:
+        for value in (MAGIC_NUMBER, PROTOCOL_VERSION, {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                                                       "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+            pickle.dump(value, f, protocol=2)
+        f.write(nested_lists(10_000_000))
+        pickle.dump([], f, protocol=2)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="nests containers more than 1000 deep"):
+        load_file(path)
+    assert time.perf_counter() - start < 10  # (today's main: over 150 s)
+    # a real legacy checkpoint still loads, and one that names what no checkpoint holds is refused unread
+    torch.save({"model": state_of()}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert read_encoder_checkpoint(str(tmp_path / "legacy.pt"), given={"num_heads": 4})[0].depth == 5
+    torch.save({"model": state_of(), "x": Calls(os.system, "true")}, tmp_path / "evil_legacy.pt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle objects the file asks for \(posix.system\)"):
+        load_file(tmp_path / "evil_legacy.pt")
+
+
+def test_a_tensor_that_claims_more_than_its_storage_is_named_by_its_place_in_the_file(tmp_path):
+    value = torch.zeros(1).expand(10**6)  # the bad tensor, 200 lists down
+    for _ in range(200):
+        value = [value]
+    torch.save({"model": {"blocks": value}}, tmp_path / "deep.pt")
+    with pytest.raises(CheckpointError, match=r"tensor model.blocks(\[0\]){200} claims 1,000,000 elements"):
+        load_file(tmp_path / "deep.pt")

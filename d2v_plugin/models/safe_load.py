@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import logging
 import os
 import pickle
@@ -261,6 +262,85 @@ def _format(path: str) -> str:
     raise _not_a_checkpoint(path, "neither a zip archive (what torch.save writes) nor an older torch.save pickle")
 
 
+# records of a zip archive that make it TorchScript, not a checkpoint: torch.load hands such an archive to
+# torch.jit.load, which compiles the code in it and runs its __setstate__ methods (code from the file)
+TORCHSCRIPT_RECORDS = ("constants.pkl", "code/", ".data/version")
+
+
+def _is_torchscript_record(record: str) -> bool:
+    return record in (TORCHSCRIPT_RECORDS[0], TORCHSCRIPT_RECORDS[2]) or record.startswith(TORCHSCRIPT_RECORDS[1])
+
+
+def torchscript_records(path: str) -> list[str]:
+    """The members of a zip archive that make it TorchScript (empty for a checkpoint), as Python's zipfile
+    and torch's own reader (what torch.load will see) list the archive's directory; nothing in the file
+    is run or decompressed. An archive that either cannot list is refused."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise _not_a_checkpoint(path, f"a broken zip archive ({err})") from None
+    try:
+        names += list(torch._C.PyTorchFileReader(path).get_all_records())
+    except (RuntimeError, OSError, ValueError) as err:
+        raise _not_a_checkpoint(path, f"a zip archive torch cannot read ({_first_line(err)})") from None
+    # a record's name below the archive's top folder (torch's view), and the name as it is
+    records = {r for n in names for r in (n, n.split("/", 1)[1] if "/" in n else n)}
+    return sorted(r for r in records if _is_torchscript_record(r))
+
+
+def check_file(path: str) -> str:
+    """What every path that opens a checkpoint from outside checks before any torch loader sees the file:
+    it exists, is a regular file, is torch.save's zip or legacy format, and is not a TorchScript archive
+    (whose loading runs the code it carries). Returns the format, ``zip`` or ``legacy``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a checkpoint is a file torch.save wrote)")
+    kind = _format(path)
+    found = torchscript_records(path) if kind == "zip" else []
+    if found:
+        listed = ", ".join(shown(r) for r in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise CheckpointError(f"{path} is a TorchScript archive ({listed}), not a checkpoint: loading it would run "
+                              f"the code it carries, so it is refused, with --trust-checkpoint too (a checkpoint "
+                              f"is what torch.save or a trainer writes)")
+    return kind
+
+
+def _too_large(path: str, size: str) -> CheckpointError:
+    return CheckpointError(f"{path}: its pickle is {size} bytes, over the {LIMITS.max_pickle_bytes:,} a checkpoint's "
+                           f"needs (raise {env_name('max_pickle_bytes')} if that is real)")
+
+
+class _Bounded(io.RawIOBase):
+    """A file read no further than ``limit`` bytes; a read past that is refused. The legacy format's pickles
+    come first in its file, before the tensors' data, and are bounded as a zip's data.pkl is."""
+
+    def __init__(self, f, limit: int, path: str):
+        self.f, self.left, self.path, self.read_so_far = f, limit, path, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:  # where pickletools says a broken opcode is
+        return self.read_so_far
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            raise _too_large(self.path, f"more than {LIMITS.max_pickle_bytes:,}")
+        data = self.f.read(min(len(buffer), self.left))
+        buffer[:len(data)] = data
+        self.left -= len(data)
+        self.read_so_far += len(data)
+        return len(data)
+
+
+# torch.save before 1.6 wrote four pickles in a row (a magic number, the protocol version, the system's
+# sizes, the object), then its storages' keys and data
+LEGACY_PICKLES = 4
+
+
 def _pickle_of(path: str) -> bytes:
     """The pickle of a torch zip archive (``<archive>/data.pkl``), read only if within the size bound."""
     try:
@@ -270,9 +350,7 @@ def _pickle_of(path: str) -> bytes:
                 raise _not_a_checkpoint(path, "a zip archive without the data.pkl torch.save writes")
             info = z.getinfo(names[0])
             if info.file_size > LIMITS.max_pickle_bytes:
-                raise CheckpointError(f"{path}: its pickle is {info.file_size:,} bytes, over the "
-                                      f"{LIMITS.max_pickle_bytes:,} a checkpoint's needs (raise "
-                                      f"{env_name('max_pickle_bytes')} if that is real)")
+                raise _too_large(path, f"{info.file_size:,}")
             with z.open(info) as f:
                 data = f.read(LIMITS.max_pickle_bytes + 1)
     except zipfile.BadZipFile as err:
@@ -285,12 +363,20 @@ def _pickle_of(path: str) -> bytes:
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
 
-def _scan(path: str, data: bytes) -> list[str]:
-    """The names a pickle asks for, after checking its nesting against the bound (read opcode by
-    opcode: nothing is built). Strings pushed before a STACK_GLOBAL are followed through the memo."""
+def _scan(path: str, stream, count: int = 1) -> list[str]:
+    """The names ``count`` pickles in a row ask for, after checking their nesting against the bound (read
+    opcode by opcode from ``stream``: nothing is built). Strings pushed before a STACK_GLOBAL are followed
+    through the memo."""
+    names = []
+    for _ in range(count):
+        names += _scan_one(path, stream)
+    return list(dict.fromkeys(names))
+
+
+def _scan_one(path: str, stream) -> list[str]:
     depth, marks, memo, recent, names = 0, [], {}, [], []
     try:
-        for op, arg, _ in pickletools.genops(data):
+        for op, arg, _ in pickletools.genops(stream):
             if op.name == "MARK":
                 marks.append(depth)
             else:
@@ -318,28 +404,40 @@ def _scan(path: str, data: bytes) -> list[str]:
         raise
     except Exception as err:  # a broken pickle: genops says where
         raise _not_a_checkpoint(path, f"its pickle does not parse ({_first_line(err)})") from None
-    return list(dict.fromkeys(names))
+    return names
 
 
 def _check_storage(obj, path: str) -> None:
     """Every tensor in the loaded object is backed by its storage: a view that claims more elements than
-    the file stored (zero strides) would make a few bytes look like gigabytes to whatever reads it."""
-    todo, seen = [("", obj)], set()
+    the file stored (zero strides) would make a few bytes look like gigabytes to whatever reads it. Each
+    object is visited once; where it sits in the file is spelled out only for the message (building that
+    text for every item costs time in the square of the nesting)."""
+    todo, seen = [(None, None, obj)], set()
     while todo:
-        where, value = todo.pop()
+        item = todo.pop()
+        value = item[2]
         if id(value) in seen:
             continue
         seen.add(id(value))
         if isinstance(value, torch.Tensor):
             stored = value.untyped_storage().nbytes()
             if value.numel() * value.element_size() > stored:
-                raise CheckpointError(f"{path}: tensor {shown(where) or '(top level)'} claims {value.numel():,} "
-                                      f"elements of shape {tuple(value.shape)} but the file stores {stored:,} bytes")
+                raise CheckpointError(f"{path}: tensor {shown(_where(item)) or '(top level)'} claims "
+                                      f"{value.numel():,} elements of shape {tuple(value.shape)} but the file "
+                                      f"stores {stored:,} bytes")
         elif isinstance(value, dict):
-            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+            todo.extend((item, k, v) for k, v in value.items())
         elif isinstance(value, (list, tuple)):
-            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+            todo.extend((item, i, v) for i, v in enumerate(value))
 
+
+def _where(item) -> str:
+    """``model.blocks[0]``: the keys and indices from the top of the file down to an item of _check_storage."""
+    parts = []
+    while item[0] is not None:
+        parts.append(f"[{item[1]}]" if isinstance(item[1], int) else f".{item[1]}")
+        item = item[0]
+    return "".join(reversed(parts)).lstrip(".")
 
 def load_file(path: str, trust: bool = False, mmap: bool = False) -> object:
     """Read a checkpoint (torch.save's zip or legacy format) without running code from it.
@@ -348,11 +446,7 @@ def load_file(path: str, trust: bool = False, mmap: bool = False) -> object:
     store as data become ``Stored`` stand-ins. ``trust=True`` unpickles fully (runs the file's code).
     ``mmap``: tensors stay in the file until used (reading a checkpoint's config costs no memory)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise CheckpointError(f"{path} is not a regular file (a checkpoint is a file torch.save wrote)")
-    kind = _format(path)
+    kind = check_file(path)
     mmap = mmap and kind == "zip"
     if trust:
         try:
@@ -361,12 +455,16 @@ def load_file(path: str, trust: bool = False, mmap: bool = False) -> object:
             raise CheckpointError(f"{path} could not be unpickled even fully: {type(err).__name__}: "
                                   f"{_first_line(err)}") from None
     if kind == "zip":
-        names = [n for n in _scan(path, _pickle_of(path)) if classify(n, installed=False) != "allowed"]
-        if len(names) > LIMITS.max_stand_ins:  # before each is looked up: that costs time per name
-            raise _too_many_names(path)
-        refused = [n for n in names if classify(n) == "refused"]
-        if refused:
-            raise _refusal(path, refused)
+        names = _scan(path, io.BytesIO(_pickle_of(path)))
+    else:
+        with open(path, "rb") as f:
+            names = _scan(path, io.BufferedReader(_Bounded(f, LIMITS.max_pickle_bytes, path)), LEGACY_PICKLES)
+    names = [n for n in names if classify(n, installed=False) != "allowed"]
+    if len(names) > LIMITS.max_stand_ins:  # before each is looked up: that costs time per name
+        raise _too_many_names(path)
+    refused = [n for n in names if classify(n) == "refused"]
+    if refused:
+        raise _refusal(path, refused)
     reading = _reading.current = _Reading(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
