@@ -14,7 +14,8 @@ step is short and kernel launches count), host synchronisations in our step beyo
 with no decode, with the decode prefetched one batch ahead (what training runs) and decoded inline, and
 the share of the decode's cost the prefetching hides. Then the probe recipes' step (a frozen encoder)
 against fine-tuning, cli.evaluate's loop and the feature extraction in bf16 at batch 256, and kNN of 50,000
-queries over 1.28M x 768 synthetic fp16 features. Writes DIR/bench_gpu.json; paste the figures into
+queries over 1.28M x 768 synthetic fp16 features, and kNN on the GPU against the CPU on one store of a
+random-init base-width encoder (equal top-1: the similarities are fp32 on both). Writes DIR/bench_gpu.json; paste the figures into
 BENCHMARKS.md with the hardware named.
 """
 import argparse
@@ -238,10 +239,15 @@ def main(argv=None) -> int:
                                device=device, sklearn_subset=2000 if args.dry_run else 100_000,
                                sklearn_queries=50 if args.dry_run else 2_000)
     print(json.dumps({"knn_scale": knn}), flush=True)
+    # kNN's similarities in fp32 on the GPU: the CPU's top-1 exactly, on a random-init base-width encoder's store
+    knn_fp32 = evaluation.knn_precision(os.path.join(work, "knn_precision"), device,
+                                        **(dict(width=64, depth=2, image_size=32, heads=4) if args.dry_run else {}))
+    print(json.dumps({"knn_precision": knn_fp32}), flush=True)
     with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "peak_tflops": peak, "rows": rows,
                    "optimizers": optimizers, "host_syncs": syncs, "device_decode": decode,
-                   "host_to_device_copy": copies, "probe_step": probes, "evaluate": evaluate, "knn_scale": knn},
+                   "host_to_device_copy": copies, "probe_step": probes, "evaluate": evaluate, "knn_scale": knn,
+                   "knn_precision": knn_fp32},
                   f, indent=1)
     return 0
 

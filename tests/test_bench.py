@@ -61,6 +61,8 @@ def test_the_gpu_benchmark_runs_on_the_cpu_in_its_dry_run(tmp_path):
                                                      "attentive_probe_imagenet"}
     assert all(r["median"] > 0 for r in written["evaluate"]["results"].values())
     assert written["knn_scale"]["ours"]["queries_per_s"] > 0
+    knn = written["knn_precision"]  # on a GPU: the GPU's kNN top-1 against the CPU's on one store
+    assert knn["equal"] and set(knn["device"]) == {"10", "20"} and knn["val"] > 300
 
 
 def test_the_evaluation_section_measures_ours_the_plain_loop_the_search_and_the_probes(benchmarks, tmp_path):

@@ -219,3 +219,45 @@ def test_data_loading_workers_default_to_the_cores_at_most_8(monkeypatch):
     if not torch.cuda.is_available():  # this machine: asking for a GPU is an error naming the flag
         with pytest.raises(ValueError, match="--device cuda:0: no CUDA device is available"):
             start("cuda:0")
+
+
+def test_knn_similarities_are_fp32_on_every_device_and_near_ties_break_as_in_float64(monkeypatch):
+    """DINO computes kNN similarities in fp32. In fp16 (what this plugin did on GPUs) cosine similarities near 1
+    snap to steps of 4.9e-4, and the near-ties that makes break by row order, toward low class ids."""
+    from d2v_plugin.evaluation import knn
+
+    assert knn.similarity_dtype(torch.device("cpu")) is torch.float32
+    assert knn.similarity_dtype(torch.device("cuda")) is torch.float32
+    # features like a ViT's: a large mean shared by every image, small class signal; the store keeps fp16
+    rng = np.random.default_rng(0)
+    classes, dim = 10, 768
+    centres = rng.standard_normal((classes, dim)) * 0.01
+    shared = rng.standard_normal(dim)
+
+    def draw(n):
+        labels = np.arange(n) % classes
+        return (shared + centres[labels] + rng.standard_normal((n, dim)) * 0.03).astype(np.float16), labels
+
+    train, train_labels = draw(2000)
+    queries, query_labels = draw(300)
+    runtime = Runtime(torch.device("cpu"), "fp32")
+    gpu_choice = knn.similarity_dtype(torch.device("cuda"))
+    monkeypatch.setattr(knn, "similarity_dtype", lambda device: gpu_choice)  # the GPU's path, on the CPU
+    found = nearest(torch.from_numpy(train), train_labels, torch.from_numpy(queries), 10, runtime)
+    # an independent float64 kNN (numpy), the same fp16 inputs
+    t64, q64 = train.astype(np.float64), queries.astype(np.float64)
+    t64 /= np.linalg.norm(t64, axis=1, keepdims=True)
+    q64 /= np.linalg.norm(q64, axis=1, keepdims=True)
+    sims = q64 @ t64.T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    assert (np.sort(found.index.numpy(), axis=1) == np.sort(top, axis=1)).mean() > 0.95  # (the 10th: ties in fp32)
+    votes = np.zeros((len(queries), classes))
+    for i in range(len(queries)):
+        np.add.at(votes[i], train_labels[top[i]], np.exp(sims[i, top[i]] / 0.07))
+    ours = knn.vote(found.sims, found.labels, 10, classes, 0.07).argmax(dim=1).numpy()
+    assert (ours == votes.argmax(axis=1)).all()
+    # what fp16 similarities did to the same search: the test would have seen it
+    monkeypatch.setattr(knn, "similarity_dtype", lambda device: torch.float16)
+    half = nearest(torch.from_numpy(train), train_labels, torch.from_numpy(queries), 10, runtime)
+    half_votes = knn.vote(half.sims, half.labels, 10, classes, 0.07).argmax(dim=1).numpy()
+    assert (half_votes != votes.argmax(axis=1)).mean() > 0.5  # (measured: 80% of the answers changed)

@@ -2,6 +2,13 @@
 L2-normalised features, every query votes with its k most cosine-similar training images, each weighted
 exp(similarity / T). Several k are answered by one search (the k largest of them, cut).
 
+Similarities are computed in fp32 on every device, as DINO's ``knn_classifier`` does, whatever the
+precision of the forward pass or of the store: an fp16 product rounds cosine similarities near 1 to steps
+of 4.9e-4, and the near-ties that makes break by row order, toward low class ids (a random-init encoder
+lost 25 points of top-1 to it). TF32 is kept off for the product (full fp32 mantissas on Ampere and
+later), whatever ``torch.set_float32_matmul_precision`` was set to. A 50,000 x 1.28M x 768 product is a
+few seconds in fp32 on one H100-class GPU.
+
 At ImageNet size: similarities and the running top-k are computed on the device in chunks (a chunk of
 training rows read from the memory-mapped store, against a chunk of queries), so memory is bounded by
 the chunk sizes (a block of similarities is at most ``SIMILARITY_BYTES``) and never N_val x N_train;
@@ -34,12 +41,29 @@ def _merge(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return sims.gather(1, order), idx.gather(1, order)
 
 
+def similarity_dtype(device: torch.device) -> torch.dtype:
+    """The dtype similarities are computed in on ``device``: fp32 on every device (see the module's
+    docstring; this plugin once chose fp16 on GPUs, here)."""
+    return torch.float32
+
+
 def _rows(features, rows: slice, device, dtype) -> torch.Tensor:
     """Training rows of a view (a memory-mapped array or a tensor), L2-normalised on the device."""
     block = features[rows]
     # one copy, straight to fp32 (a read-only memory-mapped block cannot be a tensor as it is)
     block = torch.from_numpy(np.array(block, dtype=np.float32)) if isinstance(block, np.ndarray) else block
     return F.normalize(block.to(device=device, dtype=torch.float32), dim=-1).to(dtype)
+
+
+def similarities(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities [Q, N] of normalised queries and rows, in their dtype; fp32 in full precision
+    (no TF32), returned as fp32."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return (queries @ rows.T).float()
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 class Neighbours(NamedTuple):
@@ -54,7 +78,7 @@ def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runt
     """Each query's k nearest training rows (rows labelled -1, unreadable images, left out), over every
     rank's chunks of ``train`` (array-like [N, D])."""
     device = runtime.device
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPUs multiply fp16 slowly
+    dtype = similarity_dtype(device)
     labels_all = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
     q = F.normalize(queries.to(device=device, dtype=torch.float32), dim=-1).to(dtype)
     n_q, k = len(q), min(k, int((labels_all >= 0).sum()))
@@ -70,7 +94,7 @@ def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runt
         valid = (labels_all[start:stop] >= 0).to(device)
         ids = torch.arange(start, stop, device=device)
         for qs in range(0, n_q, query_chunk):
-            sims = (q[qs:qs + query_chunk] @ rows.T).float()
+            sims = similarities(q[qs:qs + query_chunk], rows)
             sims[:, ~valid] = -float("inf")
             top = sims.topk(min(k, sims.shape[1]), dim=1)
             cand_s = torch.cat([best_s[qs:qs + query_chunk], top.values], dim=1)

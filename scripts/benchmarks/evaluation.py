@@ -302,3 +302,45 @@ def report(results: dict) -> list:
     for name, seconds in p["seconds"].items():
         lines.append(f"| {name} | {seconds * 10_000 / p['train']:.1f} |")
     return lines + [""]
+
+
+def knn_precision(work: str, device: str, width: int = 768, depth: int = 12, image_size: int = 224,
+                  heads: int = 12) -> dict:
+    """kNN on ``device`` against the CPU on the same store: a random-init encoder of base width (its features
+    nearly tie, the case where fp16 similarities changed a quarter of the answers) on the digits, extracted
+    in bf16 on ``device`` and stored in fp16; top-1 at k = 10 and 20 on ``device`` (fp32 similarities), on the
+    CPU, and with the fp16 similarities this plugin once computed on GPUs, for contrast."""
+    import torch
+
+    from d2v_plugin.demo_data import write_digits
+    from d2v_plugin.evaluation import knn
+    from d2v_plugin.evaluation.probes import cached_features
+    from d2v_plugin.evaluation.runtime import Runtime
+    from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
+    from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
+
+    data, checkpoint = os.path.join(work, "digits"), os.path.join(work, "random_init.pt")
+    write_digits(data, image_size=image_size)
+    torch.manual_seed(0)
+    encoder = Data2Vec2ImageEncoder(EncoderConfig(embed_dim=width, depth=depth, num_heads=heads,
+                                                  patch_size=16 if image_size >= 64 else 8, image_size=image_size))
+    save_data2vec_checkpoint(encoder, checkpoint, prenet_depth=0)
+    here = Runtime(torch.device(device), "bf16" if device == "cuda" else "fp32")
+    feats = cached_features(checkpoint, data, ["train", "val"], here, store=os.path.join(work, "store"))
+    train, val = feats.splits["train"], feats.splits["val"]
+    queries = torch.from_numpy(np.array(val.view([0])[:]))
+    classes = len(feats.classes)
+
+    def top1(runtime):
+        return {r["k"]: r["top1"] for r in knn.knn_probe(train.view([0]), train.labels, queries, val.labels, classes,
+                                                         [10, 20], 0.07, runtime)}
+
+    out = {"device": top1(here), "cpu": top1(Runtime(torch.device("cpu"), "fp32"))}
+    chosen = knn.similarity_dtype
+    knn.similarity_dtype = lambda _device: torch.float16 if here.device.type == "cuda" else torch.float32
+    try:
+        out["device_fp16_similarities"] = top1(here)
+    finally:
+        knn.similarity_dtype = chosen
+    out["equal"] = out["device"] == out["cpu"]
+    return {"width": width, "depth": depth, "train": len(train.labels), "val": len(val.labels), **out}
