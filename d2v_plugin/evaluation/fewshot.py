@@ -1,8 +1,12 @@
-"""Few-shot classification of cached features (MSN's ``logistic_eval.py``, DINOv2's ``log_regression``):
-1, 2, 5 and 10 training images per class, drawn with 3 fixed seeds; the features centred (on the drawn
-images' mean) and L2-normalised per row; an L2-regularised multinomial logistic regression without an
-intercept, ``mean cross-entropy + lambda / 2 * ||W||^2`` (MSN's lambda 0.00025), fitted by full-batch
-L-BFGS on the device; top-1 on val. It reports each shot count's mean and spread over the seeds."""
+"""Few-shot classification of cached features, MSN's protocol (facebookresearch/msn ``logistic_eval.py``, with
+cyanure's objective): 1, 2, 5 and 10 training images per class, drawn with 3 fixed seeds; each row of
+features centred on the mean of its own components and L2-normalised (cyanure's ``preprocess(centering=True,
+normalize=True, columns=False)``), train and val alike; an L2-regularised multinomial logistic regression
+without an intercept, ``mean cross-entropy + (lambda / n) / 2 * ||W||^2`` over the n drawn images (MSN's
+``lambd /= len(embs)``, lambda 0.00025), which is scikit-learn's ``LogisticRegression(C=1/lambda,
+fit_intercept=False)``; fitted by full-batch L-BFGS on the device (MSN: cyanure's solver); top-1 on val.
+It reports each shot count's mean and spread over the seeds. The draws are the plugin's (MSN's own are
+fixed subset files of ImageNet): each class's images permuted by the seed, the first ``shots`` kept."""
 from __future__ import annotations
 
 import statistics
@@ -27,13 +31,18 @@ def draw(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(rows))
 
 
-def prepare(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float() - mean, dim=-1)
+def prepare(x: torch.Tensor) -> torch.Tensor:
+    """MSN's features: each row centred on the mean of its own components, then L2-normalised (in float64:
+    a large mean shared by every image leaves the class signal in the low bits of fp32)."""
+    x = x.double()
+    return F.normalize(x - x.mean(dim=1, keepdim=True), dim=-1)
 
 
-def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float = LAMBDA, iterations: int = 300) -> torch.Tensor:
-    """W [C, D] minimising mean cross-entropy(x W^T, y) + lam / 2 ||W||^2 (L-BFGS, strong Wolfe line search)."""
-    w = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float = LAMBDA, iterations: int = 1000) -> torch.Tensor:
+    """W [C, D] minimising mean cross-entropy(x W^T, y) + (lam / n) / 2 ||W||^2 over the n rows of x (MSN
+    divides lambda by the number of training images; L-BFGS, strong Wolfe line search)."""
+    lam = lam / len(x)
+    w = torch.zeros(num_classes, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iterations, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
@@ -52,19 +61,20 @@ def fewshot_probe(train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tenso
     """One result per shot count: val top-1 mean, standard deviation, min and max over the seeds."""
     train_y, val_y = np.asarray(train_y), np.asarray(val_y)
     keep = np.flatnonzero(val_y >= 0)
-    vx, vy = val_x[keep].to(runtime.device), torch.from_numpy(val_y[keep]).to(runtime.device)
+    vx, vy = prepare(val_x[keep].to(runtime.device)), torch.from_numpy(val_y[keep]).to(runtime.device)
     out = []
     for k in shots:
         start, top1 = time.perf_counter(), []
         for seed in seeds:
             rows = draw(train_y, k, seed)
-            x = train_x[rows].to(runtime.device).float()
-            mean = x.mean(dim=0)
-            w = fit(prepare(x, mean), torch.from_numpy(train_y[rows]).to(runtime.device), num_classes, lam)
-            c1, _ = topk_correct(prepare(vx, mean) @ w.T, vy)
+            x = prepare(torch.as_tensor(np.asarray(train_x[rows])).to(runtime.device))
+            w = fit(x, torch.from_numpy(train_y[rows]).to(runtime.device), num_classes, lam)
+            c1, _ = topk_correct(vx @ w.T, vy)
             top1.append(fraction(int(c1), len(vy)))
         out.append({"probe": "fewshot", "shots": k, "top1": statistics.mean(top1),
                     "top1_std": statistics.pstdev(top1), "top1_min": min(top1), "top1_max": max(top1),
-                    "top1_per_seed": top1, "seeds": list(seeds), "lambda": lam, "n": len(vy),
+                    "top1_per_seed": top1, "seeds": list(seeds), "lambda": lam,
+                    "lambda_divided_by": "the drawn images (MSN)", "features": "row-centred, L2-normalised (MSN)",
+                    "n": len(vy),
                     "probe_s": round(time.perf_counter() - start, 3)})
     return out
