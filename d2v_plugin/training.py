@@ -49,6 +49,32 @@ def check_precision(common) -> None:
                           "(fairseq builds its flat fp32 copy of the weights on a CUDA device)")
 
 
+# optimizers whose update treats each tensor as a whole (a norm per parameter): a flat fp32 copy of every
+# weight (fairseq's half-precision default) is one 1-D tensor to them
+PER_TENSOR_OPTIMIZERS = ("lars",)
+
+
+def _optimizer_names(optimizer) -> list[str]:
+    names = [optimizer.get("_name")]
+    for group in (optimizer.get("groups") or {}).values():  # composite: one optimizer per group
+        names.append((group.get("optimizer") or {}).get("_name"))
+    return [n for n in names if n]
+
+
+def check_flat_params(run) -> None:
+    """LARS scales each weight matrix's update by the ratio of its norms and leaves 1-D tensors alone; under
+    fp16/bf16 with flattened gradients fairseq hands it one flat 1-D tensor, so no update is scaled (one
+    step at the linear probe's lr 6.4 moved the weights 100x too far)."""
+    common = run.common
+    half = [n for n in ("fp16", "bf16") if getattr(common, n, False)]
+    per_tensor = [n for n in _optimizer_names(run.optimizer) if n in PER_TENSOR_OPTIMIZERS]
+    if half and per_tensor and not common.fp16_no_flatten_grads:
+        raise ConfigError(f"optimizer {per_tensor[0]} with common.{half[0]}=true needs "
+                          f"common.fp16_no_flatten_grads=true: it scales each weight matrix's update by its own "
+                          f"norms, and fairseq's flattened gradients are one 1-D tensor to it (no update would be "
+                          f"scaled)")
+
+
 def _smaller_batch(global_batch: int, world: int, batch: int) -> int | None:
     """The largest per-GPU batch <= ``batch`` that reaches ``global_batch`` on ``world`` ranks with a
     whole update_freq (even, for mixup's pairs, when one exists)."""

@@ -52,6 +52,31 @@ def test_lars_computes_maes_update_over_several_steps():
     assert (timm_params[0] - mae[0]).abs().max() > 0.1
 
 
+def test_lars_under_half_precision_with_flattened_gradients_is_refused_naming_the_setting():
+    """With common.fp16_no_flatten_grads=false fairseq hands the optimizer one flat 1-D tensor, and LARS scales
+    no 1-D update: one step at the linear probe's lr 6.4 moved the weights 100x too far."""
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+
+    from d2v_plugin.testing.recipes import resolve
+    from d2v_plugin.training import ConfigError, check_flat_params
+
+    for half in ("fp16", "bf16"):
+        other = "bf16" if half == "fp16" else "fp16"
+        flat = resolve("linear_probe_imagenet", f"common.{half}=true", f"common.{other}=false",
+                       "common.fp16_no_flatten_grads=false")
+        with pytest.raises(ConfigError, match=rf"optimizer lars with common.{half}=true needs "
+                                              r"common.fp16_no_flatten_grads=true"):
+            check_flat_params(flat)
+    check_flat_params(resolve("linear_probe_imagenet"))  # the recipe's own setting
+    check_flat_params(resolve("linear_probe_imagenet", "common.fp16=false"))  # fp32: no flat copy
+    # and fairseq's own builder (FP16Optimizer: "does not support flat params, please set
+    # --fp16-no-flatten-grads", on a GPU) refuses it too, had the task's check been skipped
+    from d2v_plugin.optim.lars import Lars
+
+    assert Lars(resolve("linear_probe_imagenet").optimizer, [torch.nn.Parameter(torch.randn(4, 3))]).supports_flat_params \
+        is False
+
+
 def test_the_attentive_heads_output_for_one_query_is_a_hand_written_cross_attention():
     torch.manual_seed(0)
     head = AttentivePooling(128)  # 2 heads of width 64

@@ -77,4 +77,6 @@ class Lars(FairseqOptimizer):
 
     @property
     def supports_flat_params(self) -> bool:
-        return True
+        # one flat tensor of every weight is 1-D: LARS would scale no update (fairseq then asks for
+        # common.fp16_no_flatten_grads=true; the task says so first, training.check_flat_params)
+        return False

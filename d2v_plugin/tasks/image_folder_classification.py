@@ -23,7 +23,7 @@ from d2v_plugin.data.transforms import data_eval_transform, interpolation_modes
 from d2v_plugin.models.checkpoints import load_file
 from d2v_plugin.models.classifier import record_architecture
 from d2v_plugin.names import TASK_NAME
-from d2v_plugin.training import (UpdatePace, build_config_for_resume, checkpoint_fairseq_restores, check_precision,
+from d2v_plugin.training import (UpdatePace, build_config_for_resume, checkpoint_fairseq_restores, check_flat_params, check_precision,
                                  check_workers, resolve_update_freq, run_config)
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ class ImageFolderClassificationTask(FairseqTask):
         run = None if from_checkpoint else run_config(cfg)
         if run is not None:
             check_precision(run.common)
+            check_flat_params(run)
             resolve_update_freq(cfg.global_batch_size, run)
             compat.install_finished_run_check()  # a finished run is not stepped again (compat.py, 5)
             check_workers(run.dataset, cores_per_local_rank(run.distributed_training))
