@@ -1,7 +1,9 @@
 """Each recipe resolves through fairseq's hydra set-up (as fairseq-hydra-train does) to the documented values."""
+import math
 import os
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO
@@ -104,16 +106,59 @@ def test_attentive_probe_imagenet_has_v_jepas_values():
     cfg = resolve("attentive_probe_imagenet")
     assert (cfg.model.head, cfg.model.freeze_encoder) == ("attentive", True)
     assert cfg.optimization.max_epoch == 20 and cfg.optimization.max_update == 20 * 1252
-    assert cfg.task.global_batch_size == 1024 and cfg.optimization.clip_norm == 0.0
-    for group, wd in zip(groups(cfg), (0.001, 0.0)):  # no decay on biases and 1-D parameters, as V-JEPA's
+    assert cfg.task.global_batch_size == 1024 and cfg.optimization.clip_norm == 1.0  # clip_grad_norm_(..., 1.0)
+    for group, wd, final in zip(groups(cfg), (0.001, 0.0), (1e-6, None)):  # no decay on biases and 1-D parameters
         assert group.lr_float == 0.001 and group.optimizer._name == "fused_adamw"
         assert list(group.optimizer.adam_betas) == [0.9, 0.999] and group.optimizer.adam_eps == 1e-8
-        assert group.optimizer.weight_decay == wd
+        assert group.optimizer.weight_decay == wd and group.optimizer.get("final_weight_decay") == final
         assert group.lr_scheduler._name == "cosine" and group.lr_scheduler.warmup_updates == 0
     assert cfg.task.auto_augment == "original" and cfg.task.random_erasing == 0.25
     c = cfg.criterion
     assert (c.mixup_alpha, c.cutmix_alpha, c.label_smoothing) == (0.0, 0.0, 0.0)
     assert cfg.task.eval_crop_ratio == 0.875 and cfg.common.fp16 is True
+    # the query is a weight V-JEPA decays (its (1, 1, D) query is not 1-D); the head's norm and biases are not
+    from conftest import tiny_encoder
+    from d2v_plugin.models.classifier import Data2Vec2ClassifierConfig, Data2Vec2ImageClassifier
+
+    model = Data2Vec2ImageClassifier(Data2Vec2ClassifierConfig(num_classes=3, head="attentive", freeze_encoder=True),
+                                     tiny_encoder())
+    rules = model.param_group_rules()
+    assert {n for n, (g, _) in rules.items() if g == "default"} == {"attn_pool.query", "attn_pool.kv.weight",
+                                                                   "head.weight"}
+
+
+def v_jepa_weight_decays(ref_wd, final_wd, t_max, steps):
+    """V-JEPA's CosineWDSchedule (src/utils/schedulers.py) written out: the decay in force at each step."""
+    out = []
+    for step in range(1, steps + 1):
+        new = final_wd + (ref_wd - final_wd) * 0.5 * (1.0 + math.cos(math.pi * step / t_max))
+        out.append(max(final_wd, new) if final_wd <= ref_wd else min(final_wd, new))
+    return out
+
+
+def test_fused_adamws_final_weight_decay_follows_v_jepas_cosine_schedule_and_resumes_on_it():
+    """With zero gradients AdamW's update is the decoupled decay alone: p <- p (1 - lr wd_t) at every step."""
+    from d2v_plugin.optim.fused_adamw import FairseqEpsAdamW
+
+    t_max, lr = 10, 0.5
+    decays = v_jepa_weight_decays(0.1, 1e-3, t_max, t_max)
+    assert abs(decays[-1] - 1e-3) < 1e-12 and decays[0] < 0.1
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    none = torch.nn.Parameter(torch.ones(2))
+    opt = FairseqEpsAdamW([{"params": [p], "weight_decay": 0.1}, {"params": [none], "weight_decay": 0.0}], lr=lr,
+                          final_weight_decay=1e-3, decay_steps=t_max)
+    for step in range(t_max):
+        if step == 6:  # a resume: a new optimizer from the saved state continues the schedule
+            state = opt.state_dict()
+            opt = FairseqEpsAdamW([{"params": [p], "weight_decay": 0.1}, {"params": [none], "weight_decay": 0.0}],
+                                  lr=lr, final_weight_decay=1e-3, decay_steps=t_max)
+            opt.load_state_dict(state)
+        p.grad, none.grad = torch.zeros_like(p), torch.zeros_like(none)
+        opt.step()
+    expected = math.prod(1 - lr * wd for wd in decays)
+    assert torch.allclose(p.detach(), torch.full((3, 2), expected), rtol=1e-5)
+    assert torch.equal(none.detach(), torch.ones(2))  # the no-decay group: 0 throughout, as V-JEPA's WD_exclude
+    assert abs(expected - (1 - lr * 0.1) ** t_max) > 0.05  # (a constant decay would be far off)
 
 
 @pytest.mark.parametrize("name,world,batch,update_freq,expected", [

@@ -249,15 +249,16 @@ class Data2Vec2ImageClassifier(BaseFairseqModel):
 
     def param_group_rules(self) -> dict[str, tuple[str, float]]:
         """name -> (group, lr_scale) for every trainable parameter (models/param_groups.py): no weight
-        decay on norms, biases and the CLS token; block i of N at layer_decay^(N - i); the head at the
+        decay on norms, biases and the CLS token (the attentive head's query is decayed, as V-JEPA's); block i of N at layer_decay^(N - i); the head at the
         full lr; the embedding at the full lr or decayed (``model.layer_decay_embeddings``)."""
         no_decay = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
         def layer_id(name):
             return self.encoder.layer_id(name[len("encoder."):]) if name.startswith("encoder.") else len(self.encoder.blocks) + 1
 
+        decayed = {"attn_pool.query"} if self.head_kind == "attentive" else set()  # a weight, as V-JEPA decays it
         return param_groups_lrd(self.named_parameters(), no_decay, layer_id, len(self.encoder.blocks),
-                                self.cfg.layer_decay, self.cfg.layer_decay_embeddings)
+                                self.cfg.layer_decay, self.cfg.layer_decay_embeddings, decayed)
 
     def assign_param_groups(self) -> None:
         """Tag the parameters for fairseq's composite optimizer (models/param_groups.tag_for_composite);

@@ -10,11 +10,12 @@ EMBEDDING_RULES = ("full", "decayed")
 
 
 def param_groups_lrd(named_params, no_weight_decay: set, layer_id, num_layers: int, layer_decay: float = 1.0,
-                     embeddings: str = "full") -> dict[str, tuple[str, float]]:
+                     embeddings: str = "full", decayed: set = frozenset()) -> dict[str, tuple[str, float]]:
     """name -> (group, lr_scale) for every trainable parameter.
 
     group: ``no_decay`` for 1-D parameters (norms, biases) and the names in ``no_weight_decay``,
-    ``default`` otherwise. lr_scale: ``layer_decay ** (num_layers + 1 - layer_id(name))``, so block i of N
+    ``default`` otherwise and for the names in ``decayed`` (a 1-D parameter that is a weight: the attentive
+    head's query, which V-JEPA decays). lr_scale: ``layer_decay ** (num_layers + 1 - layer_id(name))``, so block i of N
     (layer i + 1) gets layer_decay^(N - i) and the head (layer N + 1) the full lr; the embedding (layer 0)
     gets layer_decay^(N + 1) with ``embeddings="decayed"`` (MAE's rule, the thesis' code) or the full lr
     with ``"full"`` (data2vec's ``mae_image_classification`` only scales its blocks)."""
@@ -24,7 +25,7 @@ def param_groups_lrd(named_params, no_weight_decay: set, layer_id, num_layers: i
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        group = "no_decay" if p.ndim == 1 or name in no_weight_decay else "default"
+        group = "no_decay" if (p.ndim == 1 and name not in decayed) or name in no_weight_decay else "default"
         layer = layer_id(name)
         if layer == 0 and embeddings == "full":
             layer = num_layers + 1

@@ -12,6 +12,12 @@ The arithmetic is fairseq's: fairseq adds eps to sqrt(v) before the bias correct
 of fairseq's ``adam`` over several updates). It works inside fairseq's machinery as ``adam`` does: as
 the composite optimizer's per-group optimizer, under the FP16 optimizer (fp32 master weights,
 non-flat), with bf16, loss scaling, clipping, lr scales and checkpoint save/load.
+
+``final_weight_decay`` schedules the weight decay as V-JEPA's ``CosineWDSchedule`` does (its attentive
+probe, ``evals/image_classification_frozen``): at a parameter's step t, ``final + (wd - final) x 0.5 x
+(1 + cos(pi t / max_update))``, from the configured decay to ``final_weight_decay``; a group whose decay is
+0 (the no-decay group) stays at 0, as V-JEPA's ``WD_exclude`` groups do. The step counts are the
+parameters' own, saved with their state, so a resumed run continues the schedule where it was.
 """
 from __future__ import annotations
 
@@ -39,7 +45,21 @@ class FusedAdamWConfig(FairseqDataclass):
         metadata={"help": "torch's fused kernel (true) or its foreach one (false); null = fused where torch has "
                           "it for the parameters' device and dtype"},
     )
+    final_weight_decay: Optional[float] = field(
+        default=None,
+        metadata={"help": "the weight decay at optimization.max_update, reached on a cosine from weight_decay (V-JEPA's "
+                          "CosineWDSchedule, final_wd); null = constant"},
+    )
     lr: List[float] = II("optimization.lr")
+    max_update: int = II("optimization.max_update")
+
+
+def cosine_weight_decay(start: float, final: float, step: int, total: int) -> float:
+    """V-JEPA's CosineWDSchedule at 1-based ``step`` of ``total``: a cosine from ``start`` to ``final``, held at
+    ``final`` after ``total`` (never past it)."""
+    progress = min(step / total, 1.0)
+    value = final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(final, value) if final <= start else min(final, value)
 
 
 class FairseqEpsAdamW(torch.optim.AdamW):
@@ -50,10 +70,17 @@ class FairseqEpsAdamW(torch.optim.AdamW):
     synchronisation; the parameters of a group that share a count step in one fused launch (all of
     them, in training, where every trainable parameter has a gradient every update)."""
 
-    def __init__(self, params, eps: float = 1e-8, **kwargs):
+    def __init__(self, params, eps: float = 1e-8, final_weight_decay: float | None = None, decay_steps: int = 0,
+                 **kwargs):
         super().__init__(params, eps=eps, **kwargs)
+        self.final_weight_decay, self.decay_steps = final_weight_decay, decay_steps
         for group in self.param_groups:
             group.setdefault("base_eps", group["eps"])
+
+    def _weight_decay(self, group, t: int) -> float:
+        if self.final_weight_decay is None or group["weight_decay"] == 0:
+            return group["weight_decay"]
+        return cosine_weight_decay(group["weight_decay"], self.final_weight_decay, t, self.decay_steps)
 
     def _step_count(self, p) -> int:
         state = self.state[p]  # (written only by torch's step first: it initialises an empty state)
@@ -71,7 +98,8 @@ class FairseqEpsAdamW(torch.optim.AdamW):
                     by_step.setdefault(self._step_count(p) + 1, []).append(p)
             beta2 = group["betas"][1]
             for t, params in by_step.items():
-                split.append({**group, "params": params, "eps": group["base_eps"] / math.sqrt(1.0 - beta2 ** t)})
+                split.append({**group, "params": params, "eps": group["base_eps"] / math.sqrt(1.0 - beta2 ** t),
+                              "weight_decay": self._weight_decay(group, t)})
                 steps.append(t)
         self.param_groups = split  # what torch's step iterates over; the groups themselves are untouched
         try:
@@ -97,7 +125,12 @@ class FusedAdamW(FairseqOptimizer):
         params = list(params)
         flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
         fused = _fused_available(flat) if cfg.fused is None else cfg.fused
-        self._optimizer = FairseqEpsAdamW(params, **self.optimizer_config, fused=fused, foreach=None if fused else True)
+        final = cfg.final_weight_decay
+        if final is not None and not (cfg.max_update or 0) > 0:
+            raise ValueError(f"fused_adamw final_weight_decay={final} schedules the weight decay over "
+                             f"optimization.max_update, which is not set: set optimization.max_update")
+        self._optimizer = FairseqEpsAdamW(params, **self.optimizer_config, fused=fused, foreach=None if fused else True,
+                                          final_weight_decay=final, decay_steps=int(cfg.max_update or 0))
 
     @property
     def optimizer_config(self) -> dict:
