@@ -176,6 +176,22 @@ def test_a_corrupt_or_foreign_store_is_rebuilt_saying_why(tiny, tmp_path, caplog
     assert "features.bin does not have the" in caplog.text and np.array_equal(np.array(again.features()), expected)
 
 
+def test_the_stores_chunk_bookkeeping_lists_its_markers_once_per_fill(tiny, tmp_path, monkeypatch):
+    """At ImageNet size a chunk of 256 rows is 5,005 chunks: listing done/ once per chunk, and counting each
+    chunk's batches over the whole plan, was quadratic."""
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(features_module.os, "listdir",
+                        lambda path=".": (listed.append(str(path)) if str(path).endswith("done") else None, real(path))[1])
+    counts = {}
+    for chunk in (1, 2, 8):  # 15 val images: 15, 8 and 2 chunks
+        listed.clear()
+        store = store_of(tiny, tmp_path / str(chunk), chunk=chunk)
+        assert store.chunks == -(-15 // chunk)
+        counts[chunk] = len(listed)
+    assert counts[1] == counts[2] == counts[8] <= 5, counts  # (today's main: one more per chunk)
+
+
 @pytest.mark.slow
 def test_a_killed_extraction_resumes_to_the_features_of_an_uninterrupted_one(tmp_path):
     write_random_images(str(tmp_path / "images"), classes=2, per_class={"train": 300, "val": 2}, size=24)

@@ -18,6 +18,7 @@ version is rebuilt, with one line saying why. Ranks write disjoint chunks of the
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -208,7 +209,8 @@ class FeatureStore:
         """Compute the chunks not done yet that fall to this rank (chunk c to rank c % ranks), each in
         batches that never cross a chunk's edge (a resumed extraction computes the same batches); returns
         its timing. Every rank returns once the whole store is complete."""
-        todo = [c for c in range(self.chunks) if c % runtime.world == runtime.rank and c not in self.done()]
+        done = self.done()  # listed once, not once per chunk
+        todo = [c for c in range(self.chunks) if c % runtime.world == runtime.rank and c not in done]
         start = time.perf_counter()
         computed = 0
         if todo:
@@ -216,7 +218,7 @@ class FeatureStore:
             for c in todo:  # an image that turns out unreadable keeps the label -1: the probes leave it out
                 labels[self.rows(c).start:self.rows(c).stop] = -1
             plan = [(c, rows) for c in todo for rows in _batches(self.rows(c), batch_size)]
-            left = {c: sum(1 for cc, _ in plan if cc == c) for c in todo}
+            left = collections.Counter(c for c, _ in plan)  # batches per chunk, counted in one pass
             encoder = encoder.to(runtime.device).eval()
             it = iter(plan)
             with torch.no_grad(), runtime.autocast():
