@@ -1,6 +1,7 @@
 """The cheap comparison: probes on cached features with known answers, features of any block, and a
 pretraining run tracked over the checkpoints data2vec's own pretraining writes."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -33,7 +34,8 @@ def test_the_linear_probe_reaches_100_percent_on_features_made_linearly_separabl
     centres = torch.randn(5, 32, generator=g) * 4
     y = np.repeat(np.arange(5), 40)
     x = centres[y] + 0.3 * torch.randn(len(y), 32, generator=g)
-    result = linear_probe(x[::2], y[::2], x[1::2], y[1::2], 5, LinearSettings(batch_size=32, epochs=10), start("cpu"))
+    result = linear_probe(x[::2], y[::2], x[1::2], y[1::2], 5, LinearSettings(batch_size=32, epochs=10, min_steps=0),
+                          start("cpu"))
     assert result["top1"] == 1.0 and result["top5"] == 1.0 and result["n"] == 100
 
 
@@ -43,7 +45,7 @@ def test_the_linear_probe_agrees_with_scikit_learns_logistic_regression():
 
     tx, ty, vx, vy = digits_pixels()
     runtime = start("cpu")
-    ours = linear_probe(tx, ty, vx, vy, 10, LinearSettings(batch_size=256, epochs=50), runtime)["top1"]
+    ours = linear_probe(tx, ty, vx, vy, 10, LinearSettings(batch_size=256, epochs=50, min_steps=0), runtime)["top1"]
     scaler = StandardScaler().fit(tx.numpy())  # the probe's BatchNorm standardises too
     theirs = (LogisticRegression(max_iter=5000).fit(scaler.transform(tx.numpy()), ty)
               .predict(scaler.transform(vx.numpy())) == vy).mean()
@@ -92,13 +94,64 @@ def test_the_lr_grid_picks_the_lr_a_separate_run_of_each_finds_best():
     tx, ty, vx, vy = digits_pixels()
     runtime = start("cpu")
     lrs = (1e-3, 1e-2, 0.1, 1.0)
-    grid = linear_probe(tx, ty, vx, vy, 10, LinearSettings(lrs=lrs, weight_decays=(0.0,), batch_size=256, epochs=3),
-                        runtime)
+    grid = linear_probe(tx, ty, vx, vy, 10, LinearSettings(lrs=lrs, weight_decays=(0.0,), batch_size=256, epochs=3,
+                                                           min_steps=0), runtime)
     alone = {lr: linear_probe(tx, ty, vx, vy, 10, LinearSettings(lrs=(lr,), weight_decays=(0.0,), batch_size=256,
-                                                                 epochs=3), runtime) for lr in lrs}
-    best = max(lrs, key=lambda lr: (alone[lr]["selection_top1"], -lr))  # ties: the smaller lr, as the grid
+                                                                 epochs=3, min_steps=0), runtime) for lr in lrs}
+    # the best held-out top-1; ties: the lower held-out loss
+    best = max(lrs, key=lambda lr: (alone[lr]["selection_top1"], -alone[lr]["selection_loss"]))
     assert grid["lr"] == best and len({r["selection_top1"] for r in alone.values()}) > 1
     assert grid["top1"] == alone[best]["top1"]  # each head trains as it would alone
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_grids_update_of_every_head_is_torchs_optimizer_at_that_heads_lr_and_decay(optimizer):
+    from d2v_plugin.evaluation.linear import _Heads
+
+    g = torch.Generator().manual_seed(0)
+    init, lrs, wds = torch.randn(4, 6, generator=g), (0.01, 0.1, 0.5), (0.0, 1e-3, 0.05)
+    heads = _Heads(init, 3, 4, lrs, wds, optimizer, "cpu")
+    torch_heads = []
+    for lr, wd in zip(lrs, wds):
+        w, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(torch.zeros(4))
+        opt = (torch.optim.SGD([w, b], lr=lr, momentum=0.9, weight_decay=wd) if optimizer == "sgd"
+               else torch.optim.AdamW([w, b], lr=lr, weight_decay=wd))
+        torch_heads.append((w, b, opt))
+    for step in range(5):
+        scale = 0.5 * (1 + math.cos(math.pi * step / 5))  # the cosine factor, as train_heads applies it
+        gw, gb = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, generator=g)
+        heads.w.grad, heads.b.grad = gw.clone(), gb.clone()
+        heads.step(scale)
+        for h, (w, b, opt) in enumerate(torch_heads):
+            for group in opt.param_groups:
+                group["lr"] = lrs[h] * scale
+            w.grad, b.grad = gw[h].clone(), gb[h].clone()
+            opt.step()
+    for h, (w, b, _) in enumerate(torch_heads):
+        assert torch.allclose(heads.w[h], w, atol=1e-6) and torch.allclose(heads.b[h], b, atol=1e-6)
+
+
+def test_heads_tied_on_held_out_top1_are_told_apart_by_their_loss_and_an_lr_at_the_grids_edge_is_warned(caplog):
+    """On an easy task every lr reaches 100% held-out: the choice used to be the smallest lr, the least trained."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 5
+    y = np.repeat(np.arange(3), 40)
+    x = centres[y] + 0.3 * torch.randn(len(y), 16, generator=g)
+    with caplog.at_level("WARNING"):
+        result = linear_probe(x, y, x, y, 3, LinearSettings(lrs=(1e-3, 1e-2, 0.1), weight_decays=(0.0,), batch_size=32,
+                                                            epochs=5, min_steps=0), start("cpu"))
+    assert result["selection_top1"] == 1.0 and result["heads_tied_on_top1"] == 3
+    assert result["lr"] == 0.1 and result["lr_at_grid_edge"]  # the lowest loss: the most trained
+    assert "the chosen lr 0.1 is the largest of the grid (--lrs)" in caplog.text
+
+
+def test_the_linear_probes_schedule_has_dinov2s_12500_steps_at_the_least():
+    from d2v_plugin.evaluation.linear import steps_of
+
+    assert steps_of(1437, LinearSettings()) == (12_500, 2)  # the demo: 10 epochs would be 20 steps
+    assert steps_of(1_153_050, LinearSettings()) == (12_500, 1_127)  # ImageNet's 90%: 11,270 steps, under the floor
+    assert steps_of(1_281_167 * 2, LinearSettings()) == (25_030, 2_503)  # beyond the floor: the epochs decide
+    assert steps_of(1437, LinearSettings(min_steps=0)) == (20, 2)
 
 
 def test_block_features_are_that_blocks_output_and_last4_has_dinov2s_layout():

@@ -154,8 +154,9 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
                ks=(20,), temperature: float = 0.07, linear=None, shots=None, seeds=None, lam=None,
                sweep: bool = False):
     """Each probe on the cached features (every block's, with ``sweep``): yields one result per probe and k /
-    shot count (and block), with the probe's time in it. kNN runs on every rank (the train rows split over
-    them); the linear and few-shot probes on rank 0, whose results are the ones printed."""
+    shot count (and block), with the probe's time in it. Every probe runs on every rank: kNN with the train
+    rows split over them, the linear probe with the grid's heads split, few-shot with the draws split; rank
+    0's results are the ones printed."""
     import torch
 
     from d2v_plugin.evaluation import fewshot, knn
@@ -168,17 +169,16 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
         positions = feats.spec.of_block(block) if block is not None else list(range(len(feats.spec.entries)))
         where = {"block": block} if block is not None else {}
         train_view, val_view = train.view(positions), val.view(positions)
-        queries = torch.from_numpy(np.ascontiguousarray(val_view[:]))
         if "knn" in probes:
+            queries = torch.from_numpy(np.ascontiguousarray(val_view[:]))
             for r in knn.knn_probe(train_view, train.labels, queries, val.labels, classes, ks, temperature, runtime):
                 yield {**r, "probe": "knn", "temperature": temperature, **where}
-        if not runtime.is_main or not ({"linear", "fewshot"} & set(probes)):
-            continue
-        train_x = torch.from_numpy(np.ascontiguousarray(train_view[:]))
+        # the linear and few-shot probes read the rows they use from the store (never all of train in memory);
+        # every rank trains its share of the heads / draws, and the scores are summed over the ranks
         if "linear" in probes:
-            yield {**linear_probe(train_x, train.labels, queries, val.labels, classes, linear or LinearSettings(),
+            yield {**linear_probe(train_view, train.labels, val_view, val.labels, classes, linear or LinearSettings(),
                                   runtime), **where}
         if "fewshot" in probes and not sweep:
-            for r in fewshot.fewshot_probe(train_x, train.labels, queries, val.labels, classes, runtime,
+            for r in fewshot.fewshot_probe(train_view, train.labels, val_view, val.labels, classes, runtime,
                                            shots or fewshot.SHOTS, seeds or fewshot.SEEDS, lam or fewshot.LAMBDA):
                 yield {**r, **where}

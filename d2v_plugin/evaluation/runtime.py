@@ -97,6 +97,14 @@ class Runtime:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor (the same shape on every rank) summed over the ranks, on the CPU."""
+        if not self.distributed:
+            return tensor
+        out = tensor.to(self._collective_device()).clone()
+        torch.distributed.all_reduce(out)
+        return out.cpu()
+
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape on every rank), on this rank's device."""
         if not self.distributed:
