@@ -54,11 +54,12 @@ def load_classifier(path: str, trust: bool = False, num_heads: int | None = None
 
 
 def load_encoder(path: str, trust: bool = False, prefix: str | None = None, num_heads: int | None = None,
-                 norm_eps: float | None = None, image_size: int | None = None, crop_ratio: float | None = None):
+                 norm_eps: float | None = None, image_size: int | None = None, crop_ratio: float | None = None,
+                 interpolation: str | None = None):
     """(eval-mode encoder, data config, the Checkpoint) of any file a reader knows: a pretrained encoder,
     a student, a classifier (its encoder) or an export folder. The data config is the one its training
     evaluated with where the file says (size, crop, interpolation), else data2vec's (resize to 256 for 224,
-    bicubic); ``image_size`` resamples the positions, ``crop_ratio`` overrides the crop."""
+    bicubic); ``image_size`` resamples the positions, ``crop_ratio`` and ``interpolation`` override the file's."""
     from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
 
     given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
@@ -66,7 +67,8 @@ def load_encoder(path: str, trust: bool = False, prefix: str | None = None, num_
     cfg, state = encoder_part(ckpt, image_size=image_size, depth_setting="--depth")
     try:
         data_cfg = resolve_data_config(**{**{k: v for k, v in ckpt.data.items() if v is not None},
-                                          "image_size": cfg.image_size, "crop_ratio": crop_ratio or ckpt.data.get("crop_ratio")})
+                                          "image_size": cfg.image_size, "crop_ratio": crop_ratio or ckpt.data.get("crop_ratio"),
+                                          "interpolation": interpolation or ckpt.data.get("interpolation")})
     except ValueError as err:
         raise CheckpointError(f"{ckpt.path}: its data config cannot be used: {err}") from None
     encoder = build_and_load(lambda: Data2Vec2ImageEncoder(cfg), state, ckpt.path, what="the encoder").eval()

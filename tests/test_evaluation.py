@@ -176,6 +176,54 @@ def test_a_corrupt_or_foreign_store_is_rebuilt_saying_why(tiny, tmp_path, caplog
     assert "features.bin does not have the" in caplog.text and np.array_equal(np.array(again.features()), expected)
 
 
+def test_a_store_whose_files_were_tampered_with_is_checked_and_mended_without_writing_elsewhere(tiny, tmp_path,
+                                                                                                 caplog):
+    """Each case used to end in a MemoryError, a hang, another file overwritten, a zeroed chunk reused or a
+    traceback: now the store is rebuilt, or the chunks that fail their checksum are computed again."""
+    store = store_of(tiny, tmp_path, chunk=4)  # 15 val images: 4 chunks
+    expected, labels = np.array(store.features()), store.labels()
+    folder = store.folder
+
+    def again(why):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            mended = store_of(tiny, tmp_path, chunk=4)
+        assert why in caplog.text, caplog.text
+        assert np.array_equal(np.array(mended.features()), expected) and np.array_equal(mended.labels(), labels)
+
+    meta = os.path.join(folder, "meta.json")
+    os.remove(meta)
+    os.symlink("/dev/zero", meta)  # (6.8 GB and a MemoryError)
+    again("meta.json is not a regular file")
+    os.remove(meta)
+    os.mkfifo(meta)  # (a hang)
+    again("meta.json is not a regular file")
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious" * (len(expected.tobytes()) // 8 + 1))
+    before = victim.read_bytes()
+    os.remove(os.path.join(folder, "features.bin"))
+    os.symlink(victim, os.path.join(folder, "features.bin"))  # (the linked file was overwritten)
+    again("features.bin is not a regular file")
+    assert victim.read_bytes() == before
+    with open(os.path.join(folder, "features.bin"), "r+b") as f:  # a chunk zeroed, its marker left
+        f.seek(0)
+        f.write(b"\0" * 64)
+    again("1 chunk(s) computed again: 0 (its bytes do not match its checksum)")
+    with open(os.path.join(folder, "features.bin"), "r+b") as f:  # flipped bytes in the last chunk
+        f.seek(len(expected.tobytes()) - 3)
+        f.write(b"\xff\xff\xff")
+    again("computed again: 3 (its bytes do not match its checksum)")
+    os.remove(os.path.join(folder, "done", "2"))
+    for name in ("²", "02x", "99"):  # not markers of this store: ignored, the missing chunk computed
+        open(os.path.join(folder, "done", name), "w").close()
+    again("(3 of 4 chunks there already)")
+    raw = np.memmap(os.path.join(folder, "labels.bin"), dtype=np.int64, mode="r+", shape=(15,))
+    raw[5] = 10**6  # a label out of range (a RuntimeError traceback)
+    raw.flush()
+    del raw
+    again("computed again: 1 (its bytes do not match its checksum)")
+
+
 def test_the_stores_chunk_bookkeeping_lists_its_markers_once_per_fill(tiny, tmp_path, monkeypatch):
     """At ImageNet size a chunk of 256 rows is 5,005 chunks: listing done/ once per chunk, and counting each
     chunk's batches over the whole plan, was quadratic."""

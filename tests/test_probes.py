@@ -188,12 +188,21 @@ def pretrain(data, save_dir, max_update):
                           f"optimization.max_update={max_update}"], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
 
 
-def track(run_dir, data):
+def saved_epochs(log: str) -> dict:
+    """file name -> the epoch fairseq's log says it saved the file in ("Saved checkpoint ... (epoch E @ U updates")."""
+    import re
+
+    return {os.path.basename(m.group(1)): int(m.group(2))
+            for m in re.finditer(r"Saved checkpoint (\S+) \(epoch (\d+) @ (\d+) updates", log)}
+
+
+def track(run_dir, data, *extra):
     out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.track", str(run_dir), "--data", str(data),
-                          "--probes", "knn,linear", "--epochs", "2", "--workers", "1", "--settle", "0.2"], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+                          "--probes", "knn,linear", "--epochs", "2", "--min-steps", "0", "--workers", "1", "--settle",
+                          "0.2", *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stderr
 
@@ -204,15 +213,28 @@ def test_track_probes_each_new_checkpoint_once_in_update_order_and_never_a_half_
 
     data = tmp_path / "images"
     write_random_images(str(data), classes=3, per_class={"train": 8, "val": 4}, size=32)
-    run_dir = tmp_path / "pretrain"
-    pretrain(data, run_dir, 6)  # checkpoint_1_2.pt, checkpoint_1_4.pt, checkpoint_last.pt (6)
+    import hashlib
+
+    run_dir = tmp_path / "track"  # a run folder may be named as the tracker's own folder is
+    log = pretrain(data, run_dir, 6)  # checkpoint_1_2.pt, checkpoint_1_4.pt, checkpoint_last.pt (6)
+    hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.glob("*.pt")}
     track(run_dir, data)
     lines = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
     assert [(r["update"], r["probe"]) for r in lines] == [(u, p) for u in (2, 4, 6) for p in ("knn", "linear")]
-    for r in lines:  # the update is the file's own, not its name's
+    logged = saved_epochs(log)
+    for r in lines:  # the update is the file's own, not its name's; the epoch fairseq's log gave it
+        name = os.path.basename(r["checkpoint"])
         saved = _torch.load(r["checkpoint"], weights_only=False)
         assert r["update"] == saved["optimizer_history"][-1]["num_updates"]
+        assert r["epoch"] == logged[name], (name, r["epoch"], logged)
+        assert r["file"]["sha256"] == hashes[name] and r["file"]["path"] == r["checkpoint"]
+        assert r["data"]["crop_ratio"] == 0.875 and r["settings"]["temperature"] == 0.07
     assert (run_dir / "top1_vs_update.png").stat().st_size > 1000
+    # another setting that changes a result: probed again, the earlier results kept
+    track(run_dir, data, "--temperature", "0.5")
+    again = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    assert len(again) == 12 and again[:0] == [] and sum(r["settings"]["temperature"] == 0.5 for r in again) == 6
+    (run_dir / "track.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     # the run goes on: a 4th checkpoint; and a 5th still being written (a copy cut short: no zip end record)
     pretrain(data, run_dir, 8)  # resumes from checkpoint_last.pt: checkpoint_2_8.pt, checkpoint_last.pt (8)
     later = tmp_path / "later"
@@ -238,3 +260,35 @@ def test_track_probes_each_new_checkpoint_once_in_update_order_and_never_a_half_
                              "--labels", "student A", "student B"]) == 0
     assert (tmp_path / "report" / "tracks_top1_vs_update.png").stat().st_size > 1000
     assert "tracks_top1_vs_update.png" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_models_probed_together_see_the_same_pixels_and_every_line_records_them(tmp_path, capsys):
+    """The thesis' classifier evaluated at crop 1.0 and data2vec's files at 0.875: probed together, the two
+    files of one encoder used to get features of different pixels. The first model's setting is everyone's."""
+    from d2v_plugin.cli import probe as probe_cli
+    from d2v_plugin.evaluation.features import FeatureStore
+    from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
+
+    data = tmp_path / "images"
+    write_random_images(str(data), classes=3, per_class={"train": 6, "val": 3}, size=40)
+    encoder = tiny_encoder()
+    head = {"model.head_norm.weight": torch.ones(32), "model.head_norm.bias": torch.zeros(32),
+            "model.head.weight": torch.zeros(3, 32), "model.head.bias": torch.zeros(3)}
+    torch.save({"state_dict": {**{f"model.model.model.{k}": v for k, v in encoder.state_dict().items()}, **head},
+                "global_step": 10, "epoch": 1}, tmp_path / "thesis.ckpt")  # a Lightning classifier: crop 1.0
+    save_data2vec_checkpoint(encoder, str(tmp_path / "d2v.pt"), prenet_depth=0)  # the same encoder: crop 0.875
+    assert probe_cli.main([str(tmp_path / "thesis.ckpt"), str(tmp_path / "d2v.pt"), "--data", str(data), "--probes",
+                           "knn", "--k", "3", "--cache", str(tmp_path / "store"), "--workers", "0",
+                           "--num-heads", "4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [os.path.basename(r["checkpoint"]) for r in lines] == ["thesis.ckpt", "d2v.pt"]
+    assert all(r["data"] == {"image_size": 24, "crop_ratio": 1.0, "interpolation": "bicubic",
+                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]} for r in lines)
+    stores = {}
+    for folder in (tmp_path / "store").iterdir():
+        meta = json.loads((folder / "meta.json").read_text())
+        store = FeatureStore(str(tmp_path / "store"), meta["key"], meta["n"], meta["entries"], meta["dim"])
+        stores.setdefault(meta["n"], []).append(np.array(store.features()))
+    for n, (a, b) in stores.items():  # train and val: the same features from both files
+        assert np.array_equal(a, b), n
+    assert lines[0]["top1"] == lines[1]["top1"]

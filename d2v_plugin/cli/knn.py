@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour probe of frozen features: a cheap way to rank encoders before fine-tuning.
 
-    python -m d2v_plugin.cli.knn CHECKPOINT --data ROOT [--k 10 20 100 200] [--temperature 0.07]
+    python -m d2v_plugin.cli.knn CHECKPOINT [CHECKPOINT ...] --data ROOT [--k 10 20 100 200] [--temperature 0.07]
         [--block last] [--pool mean] [--cache DIR] [--device auto] [--precision bf16]
     torchrun --nproc_per_node=8 -m d2v_plugin.cli.knn CHECKPOINT --data /data/imagenet --k 10 20 100 200
 
@@ -24,18 +24,24 @@ from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_run
 
 def add_encoder_arguments(parser) -> None:
     """Which encoder of the file, and at which image size and crop: what changes its features."""
-    parser.add_argument("checkpoint", help="pretrained encoder, student, fine-tuned checkpoint or export folder")
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="pretrained encoder, student, fine-tuned checkpoint or export folder; several: each is "
+                             "probed in turn on the same pixels (the first one's data config, or the flags')")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoint (default: found)")
-    parser.add_argument("--image-size", type=positive_int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="default: the (first) checkpoint's")
     parser.add_argument("--crop-ratio", type=ratio, default=None,
-                        help="resize to size / ratio, centre-crop size (default: the file's training's, else 0.875)")
+                        help="resize to size / ratio, centre-crop size (default: the (first) file's training's, "
+                             "else 0.875)")
+    parser.add_argument("--interpolation", default=None, choices=("bicubic", "bilinear", "nearest"),
+                        help="resampling of the eval resize (default: the (first) file's training's, else bicubic)")
     parser.add_argument("--block", default="last", help="the block whose output is read: 1..depth, last, or last4 "
                                                         "(DINOv2's: CLS of the last 4 blocks + mean of the last)")
     parser.add_argument("--pool", default="mean", choices=("mean", "cls", "mean+cls"),
                         help="mean: the patch tokens' mean (the head's pooling); cls: the CLS token")
     parser.add_argument("--cache", default=None,
                         help="feature store folder (default: ~/.cache/d2v_plugin/features); 'none': a temporary one")
-    parser.add_argument("--store-chunk", type=positive_int, default=2048,
+    parser.add_argument("--store-chunk", type=positive_int, default=256,
                         help="rows of the feature store written (and redone after a kill) at a time")
     parser.add_argument("--train-split", default="train", help="the split the neighbours come from")
     parser.add_argument("--val-split", default="val", help="the split that is classified")

@@ -1,7 +1,7 @@
 """Probe a checkpoint's frozen features cheaply: kNN, a linear probe and few-shot logistic regression on
 features cached once per split; one JSON line per probe (per k, per shot count, per block).
 
-    python -m d2v_plugin.cli.probe CHECKPOINT --data ROOT [--probes knn,linear,fewshot]
+    python -m d2v_plugin.cli.probe CHECKPOINT [CHECKPOINT ...] --data ROOT [--probes knn,linear,fewshot]
         [--block N|last|last4] [--pool mean|cls|mean+cls] [--sweep-blocks] [--device auto] [--precision bf16]
     torchrun --nproc_per_node=8 -m d2v_plugin.cli.probe CHECKPOINT --data /data/imagenet --probes knn,linear
 
@@ -15,7 +15,9 @@ features cached once per split; one JSON line per probe (per k, per shot count, 
 
 Which features: --block (1..depth, last, or last4: DINOv2's CLS of the last 4 blocks + mean of the last
 block's patch tokens) and --pool. --sweep-blocks gives kNN and linear top-1 of every block, from one
-forward pass. CHECKPOINT: any file the model accepts (pretrained, student, classifier, export folder).
+forward pass. CHECKPOINT: any file the model accepts (pretrained, student, classifier, export folder);
+several are probed in turn on the same pixels (the first one's size, crop and interpolation, or the
+flags'), and every line records the data config it saw.
 Features go to the store of cli.knn (--cache); several ranks extract and search together, rank 0 fits
 the linear and few-shot probes and prints.
 """
@@ -69,28 +71,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
-    from d2v_plugin.evaluation.probes import described, features_from_args, parse_probes, run_probes
+    from d2v_plugin.evaluation.probes import described, each_model, parse_probes, run_probes
 
     with fail_cleanly():
         probes = parse_probes(args.probes)
         runtime = start_runtime(args)
-        feats = features_from_args(args, runtime, sweep=args.sweep_blocks)
-        try:
-            linear = LinearSettings(lrs=tuple(args.lrs), weight_decays=tuple(args.weight_decays),
-                                    optimizer=args.optimizer, epochs=args.epochs, min_steps=args.min_steps,
-                                    batch_size=args.probe_batch_size,
-                                    held_out=args.held_out, select_on=args.select_on)
+        linear = LinearSettings(lrs=tuple(args.lrs), weight_decays=tuple(args.weight_decays), optimizer=args.optimizer,
+                                epochs=args.epochs, min_steps=args.min_steps, batch_size=args.probe_batch_size,
+                                held_out=args.held_out, select_on=args.select_on)
+        records = []
+        for feats in each_model(args, runtime, sweep=args.sweep_blocks):
             results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
                                  ks=args.k, temperature=args.temperature, linear=linear, shots=args.shots,
                                  seeds=args.seeds, lam=args.lam, sweep=args.sweep_blocks)
-            records = []
             for record in described(results, feats, runtime, args.train_split):
                 emit(runtime, record)
                 records.append(record)
-            if runtime.is_main:
-                write_results(args.out, "probe", records, args)
-        finally:
-            feats.close(runtime)
+        if runtime.is_main:
+            write_results(args.out, "probe", records, args)
         runtime.close()
     return 0
 

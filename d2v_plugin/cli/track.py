@@ -18,10 +18,12 @@ import signal
 import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, fail_cleanly, load_heavy, make_parser,
-                                   positive_float, positive_int, ratio)
+                                   nonnegative_int, positive_float, positive_int, ratio)
 
 
 def main(argv=None) -> int:
+    from d2v_plugin.evaluation.linear import MIN_STEPS
+
     parser = make_parser(__doc__, "track")
     parser.add_argument("run_dir", help="the pretraining run's folder")
     add_data_arguments(parser, help="the dataset the probes use, as task.data, with train and val splits")
@@ -32,11 +34,16 @@ def main(argv=None) -> int:
     parser.add_argument("--block", default="last", help="the block read: 1..depth, last or last4")
     parser.add_argument("--pool", default="mean", choices=("mean", "cls", "mean+cls"), help="the tokens pooled")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoints (default: found)")
-    parser.add_argument("--crop-ratio", type=ratio, default=None, help="eval crop (default: 0.875)")
-    parser.add_argument("--image-size", type=positive_int, default=None, help="default: the checkpoints'")
+    parser.add_argument("--crop-ratio", type=ratio, default=None, help="eval crop (default: the first checkpoint's, "
+                                                                       "else 0.875)")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="default: the first checkpoint's")
+    parser.add_argument("--interpolation", default=None, choices=("bicubic", "bilinear", "nearest"),
+                        help="resampling of the eval resize (default: the first checkpoint's, else bicubic)")
+    parser.add_argument("--min-steps", type=nonnegative_int, default=MIN_STEPS,
+                        help="linear: at least this many steps (DINOv2's 12,500)")
     parser.add_argument("--cache", default=None,
                         help="where each checkpoint's features are kept while it is probed (default: RUN_DIR/track)")
-    parser.add_argument("--store-chunk", type=positive_int, default=2048, help="rows of the feature store at a time")
+    parser.add_argument("--store-chunk", type=positive_int, default=256, help="rows of the feature store at a time")
     parser.add_argument("--train-split", default="train", help="the split the probes learn from")
     parser.add_argument("--val-split", default="val", help="the split they are scored on")
     parser.add_argument("--watch", action="store_true", help="keep polling for new checkpoints")
@@ -56,17 +63,19 @@ def main(argv=None) -> int:
     with fail_cleanly():
         probes = parse_probes(args.probes)
         runtime = start(args.device, args.precision)
-        linear = LinearSettings(epochs=args.epochs)
-        settings = {"probes": probes, "block": args.block, "pool": args.pool, "k": args.k,
-                    "data": os.path.realpath(args.data), "epochs": args.epochs, "crop_ratio": args.crop_ratio,
-                    "image_size": args.image_size, "prefix": args.prefix}
+        linear = LinearSettings(epochs=args.epochs, min_steps=args.min_steps)
+        settings = result_settings(args, runtime, probes)
+        pixels = {}  # the first checkpoint's data config, fed to every other (one comparison)
 
         def probe(path, store):
-            run = argparse_copy(args, checkpoint=path, cache=store)
-            feats = features_from_args(run, runtime)
-            results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
-                                 ks=args.k, temperature=args.temperature, linear=linear)
-            return list(described(results, feats, runtime, args.train_split))
+            feats = features_from_args(argparse_copy(args, cache=store), runtime, path, data_cfg=pixels.get("cfg"))
+            pixels.setdefault("cfg", feats.data_cfg)
+            try:
+                results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
+                                     ks=args.k, temperature=args.temperature, linear=linear)
+                return list(described(results, feats, runtime, args.train_split))
+            finally:
+                feats.close(runtime)
 
         tracker = Tracker(args.run_dir, settings, probe, runtime, args.cache, args.settle)
 
@@ -88,6 +97,21 @@ def main(argv=None) -> int:
                       file=sys.stderr)
         runtime.close()
     return 0
+
+
+# flags that change where and how fast a result is computed, not the result
+NOT_RESULT_SETTINGS = ("run_dir", "watch", "poll", "settle", "cache", "cache_dir", "device", "precision", "batch_size",
+                       "workers", "store_chunk", "trust_checkpoint")
+
+
+def result_settings(args, runtime, probes) -> dict:
+    """Everything that changes a result, as every line of track.jsonl records it and as the "already probed"
+    check compares it: every flag but those of NOT_RESULT_SETTINGS (a flag added later counts unless listed
+    there), the data as a real path, and the precision the forward pass ran in."""
+    import os
+
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_SETTINGS}
+    return {**settings, "probes": probes, "data": os.path.realpath(args.data), "precision": runtime.precision}
 
 
 def argparse_copy(args, **changes):

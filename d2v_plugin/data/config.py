@@ -18,6 +18,11 @@ class DataConfig:
     std: tuple = IMAGENET_STD
     interpolation: str = "bicubic"  # every resize: the training crop, the eval resize, timm's transform
 
+    def describe(self) -> dict:
+        """What a result records of the pixels its model saw."""
+        return {"image_size": self.image_size, "crop_ratio": self.crop_ratio, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
     def __post_init__(self):
         # the values may come from a file (an export's config.json, a checkpoint's task config)
         from d2v_plugin.limits import LIMITS

@@ -23,7 +23,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ import torch
 from d2v_plugin.atomic import atomic_path
 from d2v_plugin.evaluation.loop import eval_batches
 from d2v_plugin.evaluation.runtime import Runtime
+from d2v_plugin.models.safe_load import shown
 
 logger = logging.getLogger(__name__)
 
@@ -119,16 +122,37 @@ def index_identity(index) -> str:
     return h.hexdigest()
 
 
+META_BYTES = 2**16  # meta.json: a key and a shape
+MARKER = re.compile(r"[0-9]{1,12}")  # a done/ marker's name: its chunk, in ASCII digits
+MARKER_BYTES = 64  # a marker's content: the chunk's checksum
+
+
+def _regular(path: str) -> os.stat_result | None:
+    """The file's status if it is a regular file (not a link, a FIFO, a device), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
 class FeatureStore:
     """A split's features on disk (see the module's docstring). ``open`` it with its key; rank 0 creates
-    or validates it, every rank then writes its chunks; ``features`` / ``labels`` read it back."""
+    or validates it, every rank then writes its chunks; ``features`` / ``labels`` read it back.
+
+    Everything in the folder is read as a file from outside: only regular files (never through a link,
+    never a FIFO or a device) of the size the store's shape gives, meta.json within its bound; a chunk
+    counts as done only by a marker named after it whose content is the checksum of the chunk's rows
+    (features and labels), checked before the store is used: a stray marker, flipped bytes or labels out
+    of range make the chunk computed again, with a line saying which."""
 
     def __init__(self, folder: str, key: dict, n: int, entries: int, dim: int, dtype: str = "float16",
-                 chunk: int = 2048):
+                 chunk: int = 256, num_classes: int | None = None):
         self.key = key
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = os.path.join(folder, digest)
         self.n, self.entries, self.dim, self.dtype, self.chunk = n, entries, dim, dtype, chunk
+        self.num_classes = num_classes
         self.meta = {"version": STORE_VERSION, "key": key, "n": n, "entries": entries, "dim": dim, "dtype": dtype,
                      "chunk": chunk}
 
@@ -142,31 +166,47 @@ class FeatureStore:
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
+    def sizes(self) -> dict:
+        itemsize = np.dtype(self.dtype).itemsize
+        return {"features.bin": self.n * self.entries * self.dim * itemsize, "labels.bin": self.n * 8}
+
     def problem(self) -> str | None:
         """Why the folder cannot be used as this store (None when it can)."""
+        if os.path.islink(self.folder) or not os.path.isdir(self.folder):
+            return "it is not a folder (a link?)"
+        meta_path = self._path("meta.json")
+        st = _regular(meta_path)
+        if st is None:
+            return "meta.json is missing" if not os.path.lexists(meta_path) else "meta.json is not a regular file"
+        if st.st_size > META_BYTES:
+            return f"meta.json has {st.st_size:,} bytes, more than a store's {META_BYTES:,}"
         try:
-            with open(self._path("meta.json")) as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            return "meta.json is missing"
-        except (OSError, ValueError) as err:
-            return f"meta.json is unreadable ({err})"
-        if meta.get("version") != STORE_VERSION:
-            return f"it was written by another version ({meta.get('version')!r}, this is {STORE_VERSION})"
+            with open(meta_path, "rb") as f:
+                meta = json.loads(f.read(META_BYTES + 1))
+        except (OSError, ValueError, RecursionError) as err:
+            return f"meta.json is unreadable ({type(err).__name__})"
+        if not isinstance(meta, dict) or meta.get("version") != STORE_VERSION:
+            version = meta.get("version") if isinstance(meta, dict) else None
+            return f"it was written by another version ({shown(version)!r}, this is {STORE_VERSION})"
         if meta != self.meta:
             return "its settings differ from these"
-        itemsize = np.dtype(self.dtype).itemsize
-        expected = {"features.bin": self.n * self.entries * self.dim * itemsize, "labels.bin": self.n * 8}
-        for name, size in expected.items():
-            if not os.path.isfile(self._path(name)) or os.path.getsize(self._path(name)) != size:
+        for name, size in self.sizes().items():
+            st = _regular(self._path(name))
+            if st is None:
+                return f"{name} is not a regular file (missing, or a link)"
+            if st.st_size != size:
                 return f"{name} does not have the {size:,} bytes its shape needs"
+        done = self._path("done")
+        if os.path.islink(done) or not os.path.isdir(done):
+            return "done/ is not a folder"
         return None
 
     def open(self, runtime: Runtime) -> "FeatureStore":
         """Use the folder as it is when it is this store; else (rank 0) rebuild it, saying why once."""
         if runtime.is_main:
-            problem = self.problem() if os.path.isdir(self.folder) else None
-            if problem is not None or not os.path.isdir(self.folder):
+            exists = os.path.lexists(self.folder)
+            problem = self.problem() if exists else None
+            if problem is not None or not exists:
                 if problem is not None:
                     logger.warning(f"rebuilding the feature store {self.folder}: {problem}")
                 self._create()
@@ -174,20 +214,43 @@ class FeatureStore:
         return self
 
     def _create(self) -> None:
+        if os.path.islink(self.folder) or os.path.isfile(self.folder):
+            os.unlink(self.folder)  # the link itself, never what it points to
         shutil.rmtree(self.folder, ignore_errors=True)
         os.makedirs(os.path.join(self.folder, "done"), exist_ok=True)
-        itemsize = np.dtype(self.dtype).itemsize
-        for name, size in (("features.bin", self.n * self.entries * self.dim * itemsize), ("labels.bin", self.n * 8)):
-            with open(self._path(name), "wb") as f:
+        for name, size in self.sizes().items():
+            with open(self._path(name), "xb") as f:  # a fresh folder: a new file, never an existing one
                 f.truncate(size)  # sparse until written
         with atomic_path(self._path("meta.json")) as tmp, open(tmp, "w") as f:
             json.dump(self.meta, f, indent=1)
 
-    def done(self) -> set[int]:
+    def markers(self) -> dict[int, str]:
+        """chunk -> the checksum its marker records, for every well-formed marker of a chunk of this store
+        (anything else in done/ is not a marker: ignored)."""
+        out = {}
         try:
-            return {int(name) for name in os.listdir(self._path("done")) if name.isdigit()}
-        except FileNotFoundError:
-            return set()
+            entries = list(os.scandir(self._path("done")))
+        except OSError:
+            return out
+        for entry in entries:
+            if not MARKER.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            c = int(entry.name)
+            if c >= self.chunks:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_size > MARKER_BYTES:
+                    continue
+                with open(entry.path, "rb") as f:
+                    text = f.read(MARKER_BYTES).decode("ascii")
+            except (OSError, UnicodeError):
+                continue
+            if re.fullmatch(r"[0-9a-f]{32}", text):
+                out[c] = text
+        return out
+
+    def done(self) -> set[int]:
+        return set(self.markers())
 
     def complete(self) -> bool:
         return len(self.done()) == self.chunks
@@ -203,6 +266,38 @@ class FeatureStore:
 
     def labels(self) -> np.ndarray:
         return np.array(self._arrays("r")[1])  # (small: a copy, writable)
+
+    def _checksum(self, c: int, features, labels) -> str:
+        rows = self.rows(c)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.ascontiguousarray(features[rows.start:rows.stop]).tobytes())
+        h.update(np.ascontiguousarray(labels[rows.start:rows.stop]).tobytes())
+        return h.hexdigest()
+
+    def verify(self, runtime: Runtime) -> int:
+        """Check every marked chunk against its checksum and its labels against the classes (rank 0); a chunk
+        that fails is unmarked, to be computed again, with one line naming it. Returns how many failed."""
+        bad = []
+        if runtime.is_main:
+            marked = self.markers()
+            if marked:
+                features, labels = self._arrays("r")
+                for c, recorded in sorted(marked.items()):
+                    rows = self.rows(c)
+                    part = labels[rows.start:rows.stop]
+                    top = self.num_classes if self.num_classes is not None else np.iinfo(np.int64).max
+                    if self._checksum(c, features, labels) != recorded:
+                        bad.append((c, "its bytes do not match its checksum"))
+                    elif len(part) and (part.min() < -1 or part.max() >= top):
+                        bad.append((c, f"labels outside -1..{top - 1}"))
+                del features, labels
+            for c, why in bad:
+                os.remove(self._path(os.path.join("done", str(c))))
+            if bad:
+                listed = ", ".join(f"{c} ({why})" for c, why in bad[:5]) + (", ..." if len(bad) > 5 else "")
+                logger.warning(f"feature store {self.folder}: {len(bad)} chunk(s) computed again: {listed}")
+        runtime.barrier()
+        return len(bad)
 
     def fill(self, encoder, index, data_cfg, spec: FeatureSpec, runtime: Runtime, batch_size: int, workers: int,
              desc: str) -> dict:
@@ -251,9 +346,11 @@ class FeatureStore:
         return next(it)
 
     def _mark(self, c: int, features, labels) -> None:
+        """The chunk is on disk: its marker, written after its rows, records their checksum."""
         features.flush()
         labels.flush()
-        open(self._path(os.path.join("done", str(c))), "w").close()
+        with atomic_path(self._path(os.path.join("done", str(c)))) as tmp, open(tmp, "w") as f:
+            f.write(self._checksum(c, features, labels))
 
 
 def _batches(rows: range, batch_size: int) -> list[list[int]]:
@@ -271,12 +368,14 @@ def store_key(checkpoint: str, choice: dict, arch, spec: FeatureSpec, data_cfg, 
 
 def split_features(encoder, checkpoint: str, choice: dict, index, data_cfg, spec: FeatureSpec, runtime: Runtime,
                    cache_dir: str, batch_size: int = 64, workers: int | None = None, dtype: str = "float16",
-                   desc: str = "features", chunk: int = 2048) -> tuple[FeatureStore, dict]:
-    """A split's features in its store (computed where they are not there yet); (store, cost)."""
+                   desc: str = "features", chunk: int = 256, num_classes: int | None = None) -> tuple[FeatureStore, dict]:
+    """A split's features in its store (computed where they are not there yet, each chunk it holds checked
+    first); (store, cost). ``num_classes``: the label ids a chunk may hold."""
     workers = runtime.default_workers() if workers is None else workers
     key = store_key(checkpoint, choice, encoder.cfg, spec, data_cfg, index, runtime.precision)
     store = FeatureStore(cache_dir, key, len(index), len(spec.entries), encoder.cfg.embed_dim, dtype,
-                         chunk).open(runtime)
+                         chunk, num_classes).open(runtime)
+    store.verify(runtime)
     if store.complete():
         if runtime.is_main:
             logger.warning(f"{desc}: reusing the features in {store.folder}")

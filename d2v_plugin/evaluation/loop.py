@@ -79,5 +79,6 @@ def evaluate(model, index, runtime: Runtime, batch_size: int = 64, workers: int 
             top1, top5, n = top1 + c1, top5 + c5, n + counted
     top1, top5, n = runtime.sum([top1, top5, n])
     seconds = time.perf_counter() - start
-    return {"top1": fraction(top1, n), "top5": fraction(top5, n), "n": n, **runtime.describe(),
+    return {"top1": fraction(top1, n), "top5": fraction(top5, n), "n": n, "data": model.data_cfg.describe(),
+            **runtime.describe(),
             "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1) if seconds else None}

@@ -62,9 +62,11 @@ class CachedFeatures:
     splits: dict = field(default_factory=dict)
     depth: int = 0
     temporary: str | None = None
+    data_cfg: object = None
 
     def describe(self) -> dict:
-        return {"checkpoint": self.checkpoint, "features": self.spec.describe(), "depth": self.depth}
+        return {"checkpoint": self.checkpoint, "features": self.spec.describe(), "depth": self.depth,
+                "data": self.data_cfg.describe()}
 
     def close(self, runtime: Runtime) -> None:
         if self.temporary and runtime.is_main:
@@ -74,14 +76,23 @@ class CachedFeatures:
 def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, block: str = "last", pool: str = "mean",
                     sweep: bool = False, prefix: str | None = None, trust: bool = False, num_heads=None, norm_eps=None,
                     image_size=None, crop_ratio=None, data_format: str = "auto", index_cache=None, store=None,
-                    batch_size: int = 64, workers=None, names=None, chunk: int = 2048) -> CachedFeatures:
+                    batch_size: int = 64, workers=None, names=None, chunk: int = 256, data_cfg=None,
+                    interpolation=None) -> CachedFeatures:
     """The features of ``splits`` (the first one's classes are the label ids) of a checkpoint's encoder,
-    from the store (``store``: its folder; ``"none"``: a temporary one, removed by ``close``)."""
+    from the store (``store``: its folder; ``"none"``: a temporary one, removed by ``close``). ``data_cfg``:
+    the pixels to feed it (a comparison's, the same for every model), else the file's own evaluation
+    setting with ``image_size`` / ``crop_ratio`` / ``interpolation`` over it."""
     from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
     from d2v_plugin.inference import load_encoder
 
-    encoder, data_cfg, ckpt = load_encoder(checkpoint, trust=trust, prefix=prefix, num_heads=num_heads,
-                                           norm_eps=norm_eps, image_size=image_size, crop_ratio=crop_ratio)
+    if data_cfg is not None:
+        image_size = data_cfg.image_size
+    encoder, own, ckpt = load_encoder(checkpoint, trust=trust, prefix=prefix, num_heads=num_heads, norm_eps=norm_eps,
+                                      image_size=image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+    if data_cfg is not None and data_cfg != own:
+        logger.warning(f"{checkpoint}: fed the comparison's pixels ({data_cfg.describe()}), not its own "
+                       f"evaluation setting ({own.describe()})")
+    data_cfg = data_cfg or own
     depth = encoder.cfg.depth
     spec = FeatureSpec.all_blocks(pool, depth) if sweep else FeatureSpec.parse(block, pool, depth)
     temporary = None
@@ -92,26 +103,43 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
         store = temporary = tempfile.mkdtemp(prefix="d2v_features_")
     store = store or default_store_dir()
     choice = {"prefix": prefix, "num_heads": encoder.cfg.num_heads, "norm_eps": encoder.cfg.norm_eps}
-    result = CachedFeatures(checkpoint, spec, [], depth=depth, temporary=temporary)
+    result = CachedFeatures(checkpoint, spec, [], depth=depth, temporary=temporary, data_cfg=data_cfg)
     for k, split in enumerate(splits):
         index = open_split(data, split, classes=result.classes or None, cache_dir=index_cache,
                            data_format=data_format, names=names or COMMAND_FLAGS)
         if k == 0:
             result.classes = list(index.classes)
         split_store, cost = split_features(encoder, checkpoint, choice, index, data_cfg, spec, runtime, store,
-                                           batch_size, workers, desc=f"{split} features", chunk=chunk)
+                                           batch_size, workers, desc=f"{split} features", chunk=chunk,
+                                           num_classes=len(result.classes))
         result.splits[split] = SplitFeatures(split, split_store, split_store.labels(), cost)
     return result
 
 
-def features_from_args(args, runtime: Runtime, sweep: bool = False) -> CachedFeatures:
-    """The train and val features a probe command's flags ask for (cli.knn, cli.probe)."""
-    return cached_features(args.checkpoint, args.data, [args.train_split, args.val_split], runtime,
+def features_from_args(args, runtime: Runtime, checkpoint: str, sweep: bool = False, data_cfg=None) -> CachedFeatures:
+    """The train and val features a probe command's flags ask for (cli.knn, cli.probe, cli.track), of one of
+    its checkpoints; ``data_cfg``: the comparison's pixels (the first model's, or the flags')."""
+    return cached_features(checkpoint, args.data, [args.train_split, args.val_split], runtime,
                            block=args.block, pool=args.pool, sweep=sweep, prefix=args.prefix,
-                           trust=args.trust_checkpoint, num_heads=args.num_heads, norm_eps=args.norm_eps,
-                           image_size=args.image_size, crop_ratio=args.crop_ratio, data_format=args.data_format,
+                           trust=getattr(args, "trust_checkpoint", False), num_heads=getattr(args, "num_heads", None),
+                           norm_eps=getattr(args, "norm_eps", None), image_size=args.image_size,
+                           crop_ratio=args.crop_ratio, interpolation=args.interpolation, data_format=args.data_format,
                            index_cache=args.cache_dir, store=args.cache, batch_size=args.batch_size,
-                           workers=args.workers, chunk=args.store_chunk)
+                           workers=args.workers, chunk=args.store_chunk, data_cfg=data_cfg)
+
+
+def each_model(args, runtime: Runtime, sweep: bool = False):
+    """(features) of each of a command's checkpoints in turn, all fed the same pixels: the flags' data config
+    over the first model's own, then that one for every other (a comparison of models on different pixels
+    would compare the pixels). Each one's features are closed after its probes."""
+    data_cfg = None
+    for checkpoint in args.checkpoints:
+        feats = features_from_args(args, runtime, checkpoint, sweep=sweep, data_cfg=data_cfg)
+        data_cfg = feats.data_cfg
+        try:
+            yield feats
+        finally:
+            feats.close(runtime)
 
 
 def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str = "train"):
@@ -126,17 +154,16 @@ def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str
 
 
 def knn_from_args(args, runtime: Runtime) -> list[dict]:
-    """``cli.knn``'s run: features of the train and val splits, then one result per k."""
-    feats = features_from_args(args, runtime)
-    try:
+    """``cli.knn``'s run: for each checkpoint, features of the train and val splits, then one result per k."""
+    out = []
+    for feats in each_model(args, runtime):
         n_train = int((feats.splits[args.train_split].labels >= 0).sum())
         if max(args.k) > n_train and runtime.is_main:
             logger.warning(f"--k {max(args.k)} is more than the {n_train} train images: k = {n_train} is used")
         results = run_probes(feats, ["knn"], runtime, train_split=args.train_split, val_split=args.val_split,
                              ks=args.k, temperature=args.temperature)
-        return list(described(results, feats, runtime, args.train_split))
-    finally:
-        feats.close(runtime)
+        out += list(described(results, feats, runtime, args.train_split))
+    return out
 
 
 PROBES = ("knn", "linear", "fewshot")

@@ -28,12 +28,14 @@ TRACK_FILE, PLOT_FILE = "track.jsonl", "top1_vs_update.png"
 PATTERNS = ("*.pt", "*.ckpt", "**/*.ckpt")
 
 
-def candidates(run_dir: str) -> list[str]:
-    """The files in a run's folder that may be checkpoints (not the tracker's own folder)."""
+def candidates(run_dir: str, own: str | None = None) -> list[str]:
+    """The files in a run's folder that may be checkpoints, not those under the tracker's own folder ``own``
+    (a run folder may itself be named track)."""
     found = set()
     for pattern in PATTERNS:
         found.update(glob.glob(os.path.join(run_dir, pattern), recursive=True))
-    return sorted(p for p in found if os.path.isfile(p) and f"{os.sep}track{os.sep}" not in p)
+    own = os.path.realpath(own) + os.sep if own else None
+    return sorted(p for p in found if os.path.isfile(p) and not (own and os.path.realpath(p).startswith(own)))
 
 
 class Settling:
@@ -119,14 +121,17 @@ def plot_top1_vs_update(path: str, series: dict, legend_size=None) -> str:
 
 
 class Tracker:
-    """Probes a run's new checkpoints; ``settings`` identify the probes (a change of them probes again)."""
+    """Probes a run's new checkpoints. ``settings``: everything that changes a result, recorded in every line
+    of track.jsonl; an update counts as probed only by lines recorded under the same settings (a change of
+    any of them probes again)."""
 
     def __init__(self, run_dir: str, settings: dict, probe, runtime, store_dir: str | None = None,
                  settle_s: float = 2.0):
         if not os.path.isdir(run_dir):
             raise FileNotFoundError(f"run folder not found: {run_dir}")
         self.run_dir, self.settings, self.probe, self.runtime = run_dir, settings, probe, runtime
-        self.store_dir = store_dir or os.path.join(run_dir, "track", "features")
+        self.own_dir = os.path.join(run_dir, "track")
+        self.store_dir = store_dir or os.path.join(self.own_dir, "features")
         self.settling = Settling(settle_s)
         self.unusable: set = set()  # (path, size, mtime) of files that are not checkpoints of an encoder
         self.stopping = False
@@ -140,7 +145,7 @@ class Tracker:
         from d2v_plugin.evaluation.features import file_identity
         from d2v_plugin.models.checkpoints import CheckpointError, read_checkpoint
 
-        paths = candidates(self.run_dir)
+        paths = candidates(self.run_dir, self.store_dir)
         states = {p: self.settling.complete(p) for p in paths}
         if wait and any(v is None for v in states.values()):
             time.sleep(self.settling.settle_s)
@@ -178,9 +183,12 @@ class Tracker:
             store = os.path.join(self.store_dir, str(update))
             results = list(self.probe(path, store))
             if self.runtime.is_main:
+                from d2v_plugin.evaluation.provenance import file_record
+
                 shutil.rmtree(store, ignore_errors=True)
-                new = [{"update": update, "epoch": epoch, "checkpoint": path, "file": identity,
-                        "settings": self.settings, **r} for r in results]
+                # the file as it was: a checkpoint_last.pt or checkpoint_best.pt changes as the run goes on
+                new = [{**r, "update": update, "epoch": epoch, "checkpoint": path, "file": file_record(path),
+                        "settings": self.settings} for r in results]
                 lines = read_track(self.run_dir) + new
                 write_track(self.run_dir, lines)
                 plot_track(self.run_dir, lines)

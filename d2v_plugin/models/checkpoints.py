@@ -290,11 +290,19 @@ def _fairseq_step(obj: dict):
 
 
 def _fairseq_epoch(obj: dict):
+    """The epoch fairseq was in when it wrote the file, as its log and the file's name say it. The saved
+    iterator points at where training resumes: after an epoch's last update that is the next epoch, at
+    iteration 0 (``EpochBatchIterator.state_dict``), so the epoch written in is one less."""
     extra = obj.get("extra_state")
-    if isinstance(extra, dict):
-        itr = extra.get("train_iterator")
-        return _number(itr.get("epoch")) if isinstance(itr, dict) else _number(extra.get("epoch"))
-    return None
+    if not isinstance(extra, dict):
+        return None
+    itr = extra.get("train_iterator")
+    if not isinstance(itr, dict):
+        return _number(extra.get("epoch"))
+    epoch, within = _number(itr.get("epoch")), _number(itr.get("iterations_in_epoch"))
+    if epoch is not None and within == 0 and epoch > 1:
+        return epoch - 1
+    return epoch
 
 
 def _dict(value) -> dict:
