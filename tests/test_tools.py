@@ -225,7 +225,7 @@ def error_line(capsys):
     (predict_cli, ["{init}", "{image}"], "no classifier head"),
     (predict_cli, ["{text}", "{image}"], "is not a PyTorch checkpoint"),
     (evaluate_cli, ["{missing}", "--data", "{data}"], "checkpoint not found"),
-    (evaluate_cli, ["{best}", "--data", "{tmp}/nodata"], "split folder not found"),
+    (evaluate_cli, ["{best}", "--data", "{tmp}/nodata"], "nodata not found"),
     (knn_cli, ["{missing}", "--data", "{data}"], "checkpoint not found"),
     (knn_cli, ["{text}", "--data", "{data}"], "is not a PyTorch checkpoint"),
     (compare_cli, ["{tmp}/empty_run", "--out", "{tmp}/r"], "no fairseq training log found"),

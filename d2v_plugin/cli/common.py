@@ -107,6 +107,31 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, batch_size: int = 64)
                         help="data-loading processes per rank (default: the cores available, at most 8)")
 
 
+def preflight(args, checkpoints=(), data=None, outputs=(), folders=(), files=()) -> None:
+    """The paths and the device a command is given, checked before anything heavy is imported (d2v_plugin/
+    inputs.py: no torch, no fairseq): a path that does not exist, a text file, a FIFO or a link to a device
+    is answered in one line and exit status 2 within a second. ``outputs`` / ``folders``: (path, what) pairs
+    of files and folders the command writes, ``files`` of files it reads (None: not given)."""
+    from d2v_plugin import inputs
+
+    with fail_cleanly():
+        for path in checkpoints:
+            inputs.checkpoint(path)
+        if data is not None:
+            inputs.data_root(data)
+        for path, what in outputs:
+            if path:
+                inputs.output_file(path, what)
+        for path, what in folders:
+            if path:
+                inputs.folder(path, what)
+        for path, what in files:
+            if path:
+                inputs.regular_file(path, what)
+        if getattr(args, "device", None):
+            inputs.device(args.device)
+
+
 def load_heavy() -> None:
     """Import fairseq (and with it torch) without the DEBUG root logger its import leaves behind, and
     keep the command's stderr to warnings, errors and its own progress bar."""

@@ -21,7 +21,8 @@ import re
 import sys
 import time
 
-from d2v_plugin.cli.common import add_runtime_arguments, fail_cleanly, load_heavy, make_parser, positive_int, start_runtime
+from d2v_plugin.cli.common import (add_runtime_arguments, fail_cleanly, load_heavy, make_parser, positive_int, preflight,
+                                   start_runtime)
 
 LINE = re.compile(r"\]\[(?P<tag>[^\]]+)\]\[INFO\] - (?P<body>.*)$")
 PARAMS = re.compile(r"num\. shared model params: ([\d,]+) \(num\. trained: ([\d,]+)\)")
@@ -430,6 +431,14 @@ def main(argv=None) -> int:
                         help="rounds of the speed measurement (every model each round, the order rotated)")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
+    from d2v_plugin import inputs
+
+    with fail_cleanly():
+        for run in args.runs:
+            if not os.path.lexists(run):
+                raise inputs.InputError(f"run folder not found: {run}")
+            inputs.folder(run, "run folder")
+    preflight(args, folders=[(args.out, "--out")])
     load_heavy()
     with fail_cleanly():
         runtime = None if args.no_speed else start_runtime(args)

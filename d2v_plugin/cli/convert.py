@@ -6,7 +6,7 @@ compact encoder-only file (weights + architecture; no optimizer, EMA or decoder)
 import os
 import sys
 
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, positive_int
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, positive_int, preflight
 
 
 def convert(src: str, out: str, depth=None, prefix=None, trust=False, num_heads=None, norm_eps=None) -> dict:
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
                         help="keep the first N blocks, prenet blocks first (default: all)")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in SRC (default: found)")
     args = parser.parse_args(argv)
+    preflight(args, [args.src], outputs=[(args.out, "--out")])
     load_heavy()
     with fail_cleanly():
         info = convert(args.src, args.out, args.depth, args.prefix, args.trust_checkpoint, args.num_heads, args.norm_eps)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import sys
 
 from d2v_plugin.cli.common import (NothingCounted, add_data_arguments, add_out_argument, add_runtime_arguments, emit,
-                                   fail_cleanly, load_heavy, make_parser, ratio, start_runtime, write_results)
+                                   fail_cleanly, load_heavy, make_parser, preflight, ratio, start_runtime,
+                                   write_results)
 
 
 def main(argv=None) -> int:
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     if args.per_class and args.benchmark not in (None, "imagenet-v2", "imagenet-sketch"):
         parser.error("--per-class counts a split's own classes: use it without --benchmark, or with imagenet-v2 or "
                      "imagenet-sketch")
+    preflight(args, [args.checkpoint], args.data, [(args.out, "--out")], [(args.per_class, "--per-class")],
+              files=[(args.real_labels, "--real-labels")])
     load_heavy()
     from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
     from d2v_plugin.evaluation import benchmarks

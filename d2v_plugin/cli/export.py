@@ -10,7 +10,7 @@ import os
 import sys
 
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, preflight
 
 
 def export(checkpoint: str, out: str, trust: bool = False, num_heads=None, norm_eps=None) -> dict:
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    preflight(args, [args.checkpoint], folders=[(args.out, "--out")])
     load_heavy()
     with fail_cleanly():
         meta = export(args.checkpoint, args.out, args.trust_checkpoint, args.num_heads, args.norm_eps)

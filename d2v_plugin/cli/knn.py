@@ -18,8 +18,8 @@ accepts (data2vec 2.0, Lightning student, converted file, fine-tuned checkpoint,
 import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
-                                   load_heavy, make_parser, positive_float, positive_int, ratio, start_runtime,
-                                   write_results)
+                                   load_heavy, make_parser, positive_float, positive_int, preflight, ratio,
+                                   start_runtime, write_results)
 
 
 def add_encoder_arguments(parser) -> None:
@@ -47,6 +47,11 @@ def add_encoder_arguments(parser) -> None:
     parser.add_argument("--val-split", default="val", help="the split that is classified")
 
 
+def store_folder(cache):
+    """--cache as a folder to check (``none``: a temporary one, nothing to check)."""
+    return None if cache in (None, "none") else cache
+
+
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "knn")
     add_encoder_arguments(parser)
@@ -58,6 +63,7 @@ def main(argv=None) -> int:
     add_runtime_arguments(parser)
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    preflight(args, args.checkpoints, args.data, [(args.out, "--out")], [(store_folder(args.cache), "--cache")])
     load_heavy()
     from d2v_plugin.evaluation.probes import knn_from_args
 

@@ -18,7 +18,7 @@ import sys
 import tarfile
 
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, preflight
 
 PARQUET_ROW_GROUP = 8
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="the first one gives the classes")
     parser.add_argument("--cache-dir", default=None, help="folder-index cache (default: ~/.cache/d2v_plugin/index)")
     args = parser.parse_args(argv)
+    preflight(args, data=args.src, folders=[(args.out, "--out")])
     load_heavy()
     with fail_cleanly():
         written = pack(args.src, args.out, args.format, parse_size(args.shard_size), args.splits, args.cache_dir)

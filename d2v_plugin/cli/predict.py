@@ -11,7 +11,7 @@ others continue; the exit status is 1 if any failed.
 import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, fail_cleanly, load_heavy, make_parser,
-                                   positive_int, start_runtime)
+                                   positive_int, preflight, start_runtime)
 
 
 def file_images(paths):
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.data):
         parser.error("give image files or --data, one of the two")
+    preflight(args, [args.model], args.data, files=[(image, "image") for image in args.images])
     load_heavy()
     from d2v_plugin.inference import load_classifier
 

@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from d2v_plugin.atomic import atomic_path
-from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, positive_int
+from d2v_plugin.cli.common import fail_cleanly, load_heavy, make_parser, positive_int, preflight
 
 
 def resize_one(job):
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quality", type=jpeg_quality, default=90, help="JPEG quality of the written files, 1 to 95")
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: the cores available)")
     args = parser.parse_args(argv)
+    preflight(args, data=args.root, folders=[(args.out, "--out")])
     load_heavy()
     with fail_cleanly():
         counts = preresize(args.root, args.out, args.short_side, args.quality, args.workers)

@@ -25,8 +25,8 @@ import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
                                    load_heavy, make_parser, nonnegative_float, nonnegative_int, positive_float,
-                                   positive_int, ratio, start_runtime, write_results)
-from d2v_plugin.cli.knn import add_encoder_arguments
+                                   positive_int, preflight, ratio, start_runtime, write_results)
+from d2v_plugin.cli.knn import add_encoder_arguments, store_folder
 
 
 def fraction_open(text: str) -> float:
@@ -39,8 +39,7 @@ def fraction_open(text: str) -> float:
 
 
 def main(argv=None) -> int:
-    from d2v_plugin.evaluation.fewshot import LAMBDA, SEEDS, SHOTS
-    from d2v_plugin.evaluation.linear import LRS, MIN_STEPS, WEIGHT_DECAYS
+    from d2v_plugin.evaluation.defaults import LAMBDA, LRS, MIN_STEPS, SEEDS, SHOTS, WEIGHT_DECAYS
 
     parser = make_parser(__doc__, "probe")
     add_encoder_arguments(parser)
@@ -69,6 +68,7 @@ def main(argv=None) -> int:
     add_runtime_arguments(parser)
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    preflight(args, args.checkpoints, args.data, [(args.out, "--out")], [(store_folder(args.cache), "--cache")])
     load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
     from d2v_plugin.evaluation.probes import described, each_model, parse_probes, run_probes

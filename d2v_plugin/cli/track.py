@@ -14,15 +14,16 @@ runs elsewhere, until Ctrl-C or SIGTERM (which let the checkpoint in progress fi
 rewritten atomically, so it never holds a broken line). `cli.compare RUN_A RUN_B` draws two runs'
 tracks side by side.
 """
+import os
 import signal
 import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, fail_cleanly, load_heavy, make_parser,
-                                   nonnegative_int, positive_float, positive_int, ratio)
+                                   nonnegative_int, positive_float, positive_int, preflight, ratio)
 
 
 def main(argv=None) -> int:
-    from d2v_plugin.evaluation.linear import MIN_STEPS
+    from d2v_plugin.evaluation.defaults import MIN_STEPS
 
     parser = make_parser(__doc__, "track")
     parser.add_argument("run_dir", help="the pretraining run's folder")
@@ -52,9 +53,14 @@ def main(argv=None) -> int:
                         help="seconds a file must stay unchanged before it is read")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
-    load_heavy()
-    import os
+    from d2v_plugin import inputs
 
+    with fail_cleanly():
+        inputs.folder(args.run_dir, "run folder")  # (under --watch it may not exist yet: it is waited for)
+        if not args.watch and not os.path.isdir(args.run_dir):
+            raise inputs.InputError(f"run folder not found: {args.run_dir} (--watch waits for it to appear)")
+    preflight(args, data=args.data, folders=[(args.cache, "--cache")])
+    load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
     from d2v_plugin.evaluation.probes import described, features_from_args, parse_probes, run_probes
     from d2v_plugin.evaluation.runtime import start

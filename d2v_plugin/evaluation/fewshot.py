@@ -16,12 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d2v_plugin.evaluation.defaults import LAMBDA, SEEDS, SHOTS
 from d2v_plugin.evaluation.metrics import fraction, topk_correct
 from d2v_plugin.evaluation.runtime import Runtime
 
-SHOTS = (1, 2, 5, 10)
-SEEDS = (0, 1, 2)
-LAMBDA = 0.00025
 
 
 def draw(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:

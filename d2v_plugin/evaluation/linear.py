@@ -34,16 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d2v_plugin.evaluation.defaults import LRS, MIN_STEPS, WEIGHT_DECAYS
 from d2v_plugin.evaluation.metrics import fraction, topk_correct
 from d2v_plugin.evaluation.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-# DINOv2's learning rates (eval/linear.py), scaled by batch / 256 as it scales them
-LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
-WEIGHT_DECAYS = (0.0, 1e-4)
-MIN_STEPS = 12_500  # DINOv2's 10 x 1,250 iterations
-READ_ROWS = 8192  # rows read from the store at a time when scoring
+SCORE_BYTES = 64 * 2**20  # one block of logits when scoring (heads x rows x classes, fp32)
 
 
 @dataclass
@@ -173,8 +170,9 @@ def score_heads(norm, weights, biases, x, y: np.ndarray, rows: np.ndarray, runti
     count = weights.shape[0]
     c1, c5 = torch.zeros(count, dtype=torch.int64), torch.zeros(count, dtype=torch.int64)
     loss = torch.zeros(count, dtype=torch.float64)
-    for start in range(0, len(rows), READ_ROWS):
-        part = rows[start:start + READ_ROWS]
+    block = max(1, SCORE_BYTES // (4 * count * weights.shape[1]))  # rows whose logits fit the bound
+    for start in range(0, len(rows), block):
+        part = rows[start:start + block]
         feats = norm(read_rows(x, part, runtime.device))
         logits = torch.einsum("bd,hcd->hbc", feats, weights) + biases[:, None, :]
         target = torch.from_numpy(np.asarray(y)[part]).to(runtime.device)

@@ -246,20 +246,14 @@ def _not_a_checkpoint(path: str, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a PyTorch checkpoint: {why}")
 
 
-_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]  # older torch.save's first pickle
-
-
 def _format(path: str) -> str:
     """``zip`` (torch.save) or ``legacy`` (torch.save before 1.6), from the first bytes; else an error."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-    if not head:
-        raise _not_a_checkpoint(path, "the file is empty")
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head.startswith(b"\x80") and _LEGACY_MAGIC in head[:16]:
-        return "legacy"
-    raise _not_a_checkpoint(path, "neither a zip archive (what torch.save writes) nor an older torch.save pickle")
+    from d2v_plugin.inputs import InputError, checkpoint_format
+
+    try:
+        return checkpoint_format(path)
+    except InputError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # records of a zip archive that make it TorchScript, not a checkpoint: torch.load hands such an archive to

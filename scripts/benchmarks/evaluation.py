@@ -115,14 +115,51 @@ def synthetic_store(folder: str, n: int, dim: int, classes: int = 1000, seed: in
     return features, labels
 
 
+class PeakMemory:
+    """The peak parts of this process's memory while the block runs, sampled every 20 ms where /proc tells them:
+    allocated memory (RssAnon) and file pages (RssFile: a memory-mapped store's pages read so far, which the
+    kernel can drop, and the libraries'); ``max_rss`` the process's max RSS, both together."""
+
+    def __enter__(self):
+        import threading
+
+        self.parts, self._done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _read(self):
+        if os.path.exists("/proc/self/status"):
+            for line in open("/proc/self/status"):
+                name, _, value = line.partition(":")
+                if name in self.parts:
+                    self.parts[name] = max(self.parts[name], int(value.split()[0]) / 1024)
+
+    def _sample(self):
+        while not self._done.wait(0.02):
+            self._read()
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._sampler.join()
+        self._read()  # a block shorter than one sampling interval
+
+    def figures(self) -> dict:
+        """The peaks; the max RSS from /proc's VmHWM where there is one (ru_maxrss keeps, across exec, the peak
+        of the process that started this one)."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if os.path.exists("/proc/self/status"):
+            with open("/proc/self/status") as f:
+                peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM")), peak)
+        return {"peak_rss_mib": peak,
+                "peak_allocated_mib": self.parts["RssAnon"] or None, "peak_file_pages_mib": self.parts["RssFile"] or None}
+
+
 def knn_scale_worker(folder: str, n: int, dim: int, queries: int, device: str) -> dict:
     """In a process of its own: kNN of ``queries`` against the store's ``n`` rows (memory-mapped), time and
-    peak memory: the max RSS, and its peak parts sampled every 20 ms where /proc tells them (allocated
-    memory, and file pages: the memory-mapped store's pages read so far, which the kernel can drop, and the
-    libraries')."""
-    import resource
-    import threading
-
+    peak memory (PeakMemory)."""
     import torch
 
     from d2v_plugin.evaluation.knn import nearest
@@ -133,32 +170,13 @@ def knn_scale_worker(folder: str, n: int, dim: int, queries: int, device: str) -
     q = torch.from_numpy(np.random.default_rng(1).standard_normal((queries, dim), dtype=np.float32))
     runtime = Runtime(torch.device(device), "fp32")
     view = _Flat(features)
-    parts, done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
-
-    def read():
-        if os.path.exists("/proc/self/status"):
-            for line in open("/proc/self/status"):
-                name, _, value = line.partition(":")
-                if name in parts:
-                    parts[name] = max(parts[name], int(value.split()[0]) / 1024)
-
-    def sample():
-        while not done.wait(0.02):
-            read()
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    found = nearest(view, labels, q, 20, runtime)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    read()  # a search shorter than one sampling interval
-    return {"seconds": seconds, "queries_per_s": queries / seconds, "k": found.k,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_allocated_mib": parts["RssAnon"] or None, "peak_file_pages_mib": parts["RssFile"] or None,
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        found = nearest(view, labels, q, 20, runtime)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "queries_per_s": queries / seconds, "k": found.k, **memory.figures(),
             "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
