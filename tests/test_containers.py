@@ -156,7 +156,34 @@ def test_a_truncated_shard_or_an_unreadable_parquet_file_stops_at_start_naming_i
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "train-0.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"train-0.parquet: not a readable Parquet file"):
-        open_split(str(tmp_path / "junk"), "train", cache_dir=str(tmp_path / "c"))
+        open_split(str(tmp_path / "junk"), "train", cache_dir=str(tmp_path / "c"), on_bad_image="error")
+
+
+def test_a_parquet_file_with_a_damaged_footer_is_named_or_skipped_and_counted(digits, tmp_path, caplog):
+    """It ended in a raw pyarrow OSError traceback in evaluate and killed training."""
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(digits["parquet"], root)
+    files = sorted(p for p in root.iterdir() if p.name.startswith("train-"))
+    whole = open_split(str(digits["parquet"]), "train", cache_dir=str(tmp_path / "c0"))
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[:-8] + b"XXXXXXXX")  # the footer's length and magic
+    with pytest.raises(DataError, match=rf"{files[1].name}: not a readable Parquet file .*task.on_bad_image=skip"):
+        open_split(str(root), "train", cache_dir=str(tmp_path / "c"), on_bad_image="error")
+    with caplog.at_level("WARNING"):
+        split = open_split(str(root), "train", cache_dir=str(tmp_path / "c"), on_bad_image="skip")
+    assert f"{files[1].name}: not a readable Parquet file" in caplog.text and "its rows are left out" in caplog.text
+    assert 0 < len(split) < len(whole)
+    # damaged after it was indexed, while a run reads it: its rows are unreadable images, skipped and counted
+    files[1].write_bytes(data)
+    split = open_split(str(root), "train", cache_dir=str(tmp_path / "c2"), on_bad_image="skip")
+    assert len(split) == len(whole)
+    files[1].write_bytes(b"\0" * len(data))
+    dataset = ImageFolderDataset(split, train_transform(24))
+    rows = [i for i in range(len(split)) if split.describe(i).startswith(str(files[1]))]
+    sample = dataset[rows[0]]
+    assert sample["image"] is None and "its Parquet file cannot be read" in sample["bad"][1]
 
 
 def test_pack_is_restartable_and_writes_only_what_is_missing(digits):

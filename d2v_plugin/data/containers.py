@@ -44,7 +44,8 @@ FORMATS = ("auto", "folder", "parquet", "wds")
 # "validation", ImageNet folders' "val"
 SPLIT_ALIASES = {name: (name, *(n for n in ("val", "validation", "valid") if n != name))
                  for name in ("val", "validation", "valid")}
-CACHE_VERSION = 3  # 2: keys split at the first dot of the member's file name; 3: labels checked, damage kept
+CACHE_VERSION = 4  # 2: keys split at the first dot of the member's file name; 3: labels checked, damage kept;
+# 4: a damaged Parquet file's rows left out and reported, as a damaged tar shard's
 ON_BAD_IMAGE = ("skip", "error")
 TASK_SETTINGS = {"data": "task.data", "data_format": "task.data_format"}  # how messages name the settings
 COMMAND_FLAGS = {"data": "--data", "data_format": "--data-format"}  # ... when a command was given them
@@ -259,7 +260,7 @@ class ParquetSplit(_ContainerSplit):
     def _build_index(self) -> dict:
         import pyarrow.parquet as pq
 
-        group_rows, labels, names = [], [], None
+        group_rows, labels, names, damage = [], [], None, []
         for path in self.files:
             try:
                 pf = pq.ParquetFile(path)
@@ -271,21 +272,28 @@ class ParquetSplit(_ContainerSplit):
                 label = labels_of(pq.read_table(path, columns=["label"]).column("label"), path)
             except DataError:
                 raise
-            except Exception as err:
-                raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
-                                f"{str(err).strip().splitlines()[0]})") from None
+            except Exception as err:  # a damaged file (its footer, its pages): its rows cannot be read
+                damage.append(f"{shown_path(path)}: not a readable Parquet file ({type(err).__name__}: "
+                              f"{shown_path(str(err).strip().splitlines()[0] if str(err).strip() else '')}); its rows "
+                              f"are left out")
+                group_rows.append([])
+                labels.append(np.zeros(0, np.int64))
+                continue
             group_rows.append([pf.metadata.row_group(k).num_rows for k in range(pf.metadata.num_row_groups)])
             labels.append(label)
             names = names or _class_label_names(pf.schema_arrow.metadata)
         counts = np.array([sum(r) for r in group_rows], dtype=np.int64)
         groups = np.array([n for rows in group_rows for n in rows], dtype=np.int64)
         groups_per_file = np.array([len(r) for r in group_rows], dtype=np.int64)
+        reports = PathList.from_strings(damage)
         return {"labels": np.concatenate(labels) if labels else np.zeros(0, np.int64), "file_rows": counts,
                 "group_rows": groups, "groups_per_file": groups_per_file,
-                "classes": np.array(names or [], dtype=str)}
+                "classes": np.array(names or [], dtype=str), "damage_blob": reports.blob,
+                "damage_offsets": reports.offsets}
 
     def _load_index(self, index: dict) -> None:
         self.labels, self.stored_classes = index["labels"], index["classes"]
+        self.damage = list(PathList(index["damage_blob"], index["damage_offsets"]))
         self.file_start = np.concatenate([[0], np.cumsum(index["file_rows"])])
         group_rows = np.split(index["group_rows"], np.cumsum(index["groups_per_file"])[:-1])
         self.group_start = [np.concatenate([[0], np.cumsum(g)]) for g in group_rows]
@@ -306,12 +314,17 @@ class ParquetSplit(_ContainerSplit):
 
         f, g, r = self._where(i)
         handles = self._handles()
-        if f not in handles:
-            handles[f] = [pq.ParquetFile(self.files[f], memory_map=True), None, None]
-        entry = handles[f]
-        if entry[1] != g:  # the last row group read stays: sequential reads cost one group per group
-            entry[1], entry[2] = g, entry[0].read_row_group(g, columns=["image"]).column("image")
-        value = entry[2][r]
+        try:
+            if f not in handles:
+                handles[f] = [pq.ParquetFile(self.files[f], memory_map=True), None, None]
+            entry = handles[f]
+            if entry[1] != g:  # the last row group read stays: sequential reads cost one group per group
+                entry[1], entry[2] = g, entry[0].read_row_group(g, columns=["image"]).column("image")
+            value = entry[2][r]
+        except (OSError, pa.ArrowException) as err:  # damaged since it was indexed: the row is unreadable
+            handles.pop(f, None)
+            raise UnreadableImage(f"its Parquet file cannot be read ({type(err).__name__}: "
+                                  f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
         data = value["bytes"].as_py() if pa.types.is_struct(value.type) else value.as_py()
         if data is None:
             raise UnreadableImage("the record holds no image bytes")
