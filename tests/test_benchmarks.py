@@ -119,3 +119,19 @@ def test_each_error_is_one_line_naming_the_fix(tmp_path):
         scores(FixedLogits(np.eye(4), WNIDS), root, "imagenet-a")
     for err in (benchmarks.BenchmarkError("x"),):
         assert isinstance(err, ValueError)  # the commands print it as one line (cli.common.fail_cleanly)
+
+
+def test_a_true_in_real_json_is_no_class_and_an_odd_folder_is_named(tmp_path):
+    root = tmp_path / "val"
+    for number, wnid in zip(range(1, 3), (0, 1)):
+        image(root / WNIDS[wnid] / f"ILSVRC2012_val_{number:08d}.JPEG", number - 1)
+    (root / "real.json").write_text(json.dumps([[True], [1]]))  # (true was taken as class 1)
+    with pytest.raises(benchmarks.BenchmarkError, match=r"entry 1 holds labels outside 0..3"):
+        scores(FixedLogits(np.eye(4), WNIDS), root, "imagenet-real", cache=str(tmp_path / "c"))
+    odd = tmp_path / "odd"
+    for name in ("0", "1", "²"):  # '²'.isdigit() is True: it was taken for a V2 index, then int('²') failed
+        image(odd / name / "x.png", 0)
+    with pytest.raises(benchmarks.BenchmarkError, match=r"\(folders ² are neither\)"):
+        benchmarks.detect(str(odd))
+    with pytest.raises(benchmarks.BenchmarkError, match=r"folders ² are not class indices"):
+        scores(FixedLogits(np.eye(4)), odd, "imagenet-v2", cache=str(tmp_path / "c"))

@@ -270,6 +270,27 @@ def test_a_killed_extraction_resumes_to_the_features_of_an_uninterrupted_one(tmp
     assert json.loads(resumed.stdout)["top1"] == json.loads(whole.stdout)["top1"]
 
 
+def test_ctrl_c_in_probe_says_in_one_line_what_is_kept_and_how_to_resume(tmp_path):
+    """It printed a 30-55-line KeyboardInterrupt traceback and no word on resuming."""
+    write_random_images(str(tmp_path / "images"), classes=2, per_class={"train": 300, "val": 2}, size=24)
+    save_data2vec_checkpoint(tiny_encoder(), str(tmp_path / "init.pt"), prenet_depth=2)
+    cmd = [sys.executable, "-m", "d2v_plugin.cli.probe", str(tmp_path / "init.pt"), "--data", str(tmp_path / "images"),
+           "--probes", "knn", "--workers", "1", "--batch-size", "8", "--store-chunk", "16", "--cache",
+           str(tmp_path / "store")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "store").glob("*/done/*")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, to the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    told = [line for line in err.splitlines() if line.startswith("probe: interrupted.")]
+    assert len(told) == 1 and str(tmp_path / "store") in told[0], err[-3000:]
+    assert told[0].endswith("to resume: " + " ".join(["python", "-m", "d2v_plugin.cli.probe", *cmd[3:]]))
+
+
 def test_data_loading_workers_default_to_the_cores_at_most_8(monkeypatch):
     from d2v_plugin.evaluation import runtime as runtime_module
 

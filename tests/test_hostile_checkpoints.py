@@ -313,3 +313,16 @@ def test_a_tensor_that_claims_more_than_its_storage_is_named_by_its_place_in_the
     torch.save({"model": {"blocks": value}}, tmp_path / "deep.pt")
     with pytest.raises(CheckpointError, match=r"tensor model.blocks(\[0\]){200} claims 1,000,000 elements"):
         load_file(tmp_path / "deep.pt")
+
+
+def test_class_names_that_outnumber_the_heads_outputs_are_refused_when_loading(tmp_path):
+    """predict ended in 'selected index k out of range' on a checkpoint recording 5 names for a 2-way head."""
+    from d2v_plugin.inference import load_classifier
+
+    head = {"fc_norm.weight": torch.ones(32), "fc_norm.bias": torch.zeros(32), "head.weight": torch.zeros(2, 32),
+            "head.bias": torch.zeros(2)}
+    torch.save({"cfg": {"model": {"_name": "data2vec2_image_classifier", "num_classes": 2, "num_heads": 4}},
+                "model": {**{f"encoder.{k}": v for k, v in state_of().items()}, **head},
+                "task_state": {"classes": ["a", "b", "c", "d", "e"]}}, tmp_path / "names.pt")
+    with pytest.raises(CheckpointError, match=r"names.pt records 5 class names but its head has 2 outputs"):
+        load_classifier(tmp_path / "names.pt")

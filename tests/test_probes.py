@@ -292,3 +292,103 @@ def test_models_probed_together_see_the_same_pixels_and_every_line_records_them(
     for n, (a, b) in stores.items():  # train and val: the same features from both files
         assert np.array_equal(a, b), n
     assert lines[0]["top1"] == lines[1]["top1"]
+
+
+def pretraining_checkpoint(path, update, seed=0):
+    """A data2vec pretraining checkpoint that says it was written at ``update`` (any value, as a file may)."""
+    from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
+
+    save_data2vec_checkpoint(tiny_encoder(seed), str(path), prenet_depth=0)
+    state = torch.load(path, weights_only=False)
+    state["optimizer_history"] = [{"num_updates": update}]
+    torch.save(state, path)
+
+
+def test_track_names_the_checkpoints_and_lines_it_cannot_use_and_keeps_what_it_cannot_read(tmp_path):
+    """A recorded update of inf, NaN or 10**400 aborted the run before the good checkpoints were probed; a
+    line of track.jsonl it could not read was lost on the next rewrite, or lost the new results; of two files
+    that claim one update one was probed, silently."""
+    data = tmp_path / "images"
+    write_random_images(str(data), classes=3, per_class={"train": 6, "val": 3}, size=24)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name, update in (("checkpoint_1_2.pt", 2), ("checkpoint_1_4.pt", 4), ("inf.pt", float("inf")),
+                         ("nan.pt", float("nan")), ("huge.pt", 10**400), ("negative.pt", -3)):
+        pretraining_checkpoint(run_dir / name, update)
+    shutil.copy(run_dir / "checkpoint_1_4.pt", run_dir / "checkpoint_last.pt")
+    old = ['{"update": 0, "probe": "knn", "top1": 0.5, "settings": {}}', '[1, 2, 3]', '{"update": "12", "probe": "knn"}',
+           '{"update": 6, "probe": "knn", "top1": "abc"}', 'not json at all', '{"update": 8, "probe": "x", "v": "'
+           + "z" * 2_000_000 + '"}']
+    (run_dir / "track.jsonl").write_text("\n".join(old) + "\n")
+    log = track(run_dir, data, "--probes", "knn")
+    for name in ("inf.pt", "nan.pt", "huge.pt", "negative.pt"):
+        assert f"not tracked: {run_dir / name} records the training step" in log, (name, log[-3000:])
+    assert "checkpoint_last.pt also holds update 4: checkpoint_1_4.pt is the one probed" in log
+    text = (run_dir / "track.jsonl").read_text().splitlines()
+    results = [json.loads(line) for line in text[:3]]
+    assert [r["update"] for r in results] == [0, 2, 4]  # the earlier result, and the two checkpoints probed
+    assert os.path.basename(results[2]["checkpoint"]) == "checkpoint_1_4.pt"
+    assert text[3:] == old[1:]  # every line it could not read, kept as it was
+    for line in ("line 2: not a JSON object", "line 3: its update '12' is not a count", "line 4: its top1 'abc'",
+                 "line 5: not JSON", "line 6: longer than 1,048,576 bytes"):
+        assert line in log, (line, log[-3000:])
+
+
+def test_track_watch_waits_for_a_run_folder_to_appear_and_ctrl_c_says_so_once(tmp_path):
+    import signal
+    import time
+
+    data = tmp_path / "images"
+    write_random_images(str(data), classes=3, per_class={"train": 6, "val": 3}, size=24)
+    run_dir = tmp_path / "not_yet"
+    proc = subprocess.Popen([sys.executable, "-m", "d2v_plugin.cli.track", str(run_dir), "--data", str(data), "--probes",
+                             "knn", "--watch", "--poll", "0.5", "--settle", "0.2", "--workers", "1"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None  # (it used to exit: "run folder not found")
+        run_dir.mkdir()
+        pretraining_checkpoint(run_dir / "checkpoint_1_2.pt", 2)
+        os.utime(run_dir / "checkpoint_1_2.pt", (1, 1))
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "track.jsonl").exists():
+            time.sleep(0.2)
+        assert (run_dir / "track.jsonl").exists()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group, data-loading workers included
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "waiting for" in err and err.count("stopping after the checkpoint in progress") == 1, err[-3000:]
+    assert json.loads((run_dir / "track.jsonl").read_text().splitlines()[0])["update"] == 2
+
+
+def test_probes_flags_are_checked_before_any_work_and_a_tiny_temperature_is_the_nearest_neighbour(tmp_path, capsys):
+    """--temperature 1e-300 gave a silent top-1 of 0.5 (every vote inf); --held-out 0.0001 selected on 0 images;
+    --lrs / --lambda 1e300 ended in tracebacks; --out a folder failed after the work; a missing val split was found
+    after all of train was extracted."""
+    from d2v_plugin.cli import probe as probe_cli
+    from d2v_plugin.evaluation.knn import vote
+    from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
+
+    sims = torch.tensor([[0.9, 0.8, 0.7], [0.95, 0.9, 0.1]])
+    labels = torch.tensor([[2, 0, 0], [1, 0, 0]])
+    assert vote(sims, labels, 3, 3, 1e-300).argmax(1).tolist() == [2, 1]  # the nearest neighbour's class
+    dino = torch.zeros(2, 3).scatter_add_(1, labels, (sims / 0.07).exp())  # DINO's sums: the same ranking
+    assert torch.equal(vote(sims, labels, 3, 3, 0.07).argsort(1), dino.argsort(1))
+    data = tmp_path / "images"
+    write_random_images(str(data), classes=3, per_class={"train": 4, "val": 2}, size=24)
+    save_data2vec_checkpoint(tiny_encoder(), str(tmp_path / "init.pt"), prenet_depth=0)
+    (tmp_path / "a_folder").mkdir()
+    base = [str(tmp_path / "init.pt"), "--data", str(data), "--cache", str(tmp_path / "store"), "--workers", "0"]
+    for extra, expected in ((["--probes", "linear", "--held-out", "0.0001"], "--held-out 0.0001: of the 12 train images"),
+                            (["--lrs", "1e300"], "argument --lrs: 1e300 is not in (0, 100]"),
+                            (["--lambda", "1e300"], "argument --lambda: 1e300 is not in (0, 10000]"),
+                            (["--out", str(tmp_path / "a_folder")], "a_folder is a folder, not a file it can write"),
+                            (["--val-split", "nope"], "nope")):
+        with pytest.raises(SystemExit) as stop:
+            probe_cli.main(base + extra)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert expected in err, (extra, err)
+        assert not (tmp_path / "store").exists(), extra  # nothing extracted before the answer

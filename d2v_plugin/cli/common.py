@@ -76,6 +76,18 @@ def nonnegative_float(text: str) -> float:
     return _checked(value, math.isfinite(value) and value >= 0, f"{text} is not a number >= 0")
 
 
+def bounded_float(lo: float, hi: float, lo_included: bool = False):
+    """An argument type: a number in (lo, hi] ([lo, hi] with ``lo_included``): the flag's sensible range, past
+    which a run computes nothing meaningful, or overflows."""
+    def parse(text: str) -> float:
+        value = _parsed(text, float)
+        above = value >= lo if lo_included else value > lo
+        return _checked(value, math.isfinite(value) and above and value <= hi,
+                        f"{text} is not in {'[' if lo_included else '('}{lo:g}, {hi:g}]")
+
+    return parse
+
+
 def ratio(text: str) -> float:
     """A fraction in (0, 1] (a crop ratio)."""
     value = _parsed(text, float)
@@ -176,6 +188,20 @@ def write_results(path: str | None, command: str, records: list, args) -> None:
     with atomic_path(os.path.abspath(path)) as tmp, open(tmp, "w") as f:
         for record in records:
             f.write(json.dumps({"command": command, **record, "settings": settings}, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def resumable(name: str, argv, kept: str):
+    """Ctrl-C (or SIGTERM turned into it) during the block: one line saying what is kept and the command that
+    resumes, exit status 130; no traceback."""
+    import shlex
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        command = shlex.join(["python", "-m", f"d2v_plugin.cli.{name}", *(sys.argv[1:] if argv is None else argv)])
+        print(f"\n{name}: interrupted. {kept}; to resume: {command}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 class NothingCounted(ValueError):

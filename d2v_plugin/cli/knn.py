@@ -19,7 +19,7 @@ import sys
 
 from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
                                    load_heavy, make_parser, positive_float, positive_int, preflight, ratio,
-                                   start_runtime, write_results)
+                                   resumable, start_runtime, write_results)
 
 
 def add_encoder_arguments(parser) -> None:
@@ -52,6 +52,15 @@ def store_folder(cache):
     return None if cache in (None, "none") else cache
 
 
+def kept_features(cache) -> str:
+    """What an interrupted extraction leaves for a rerun (its finished chunks, each checked when reused)."""
+    if cache == "none":
+        return "Nothing is kept (--cache none)"
+    from d2v_plugin.evaluation.defaults import default_store_dir
+
+    return f"The features' finished chunks are kept in {cache or default_store_dir()} and the same command reuses them"
+
+
 def main(argv=None) -> int:
     parser = make_parser(__doc__, "knn")
     add_encoder_arguments(parser)
@@ -67,7 +76,7 @@ def main(argv=None) -> int:
     load_heavy()
     from d2v_plugin.evaluation.probes import knn_from_args
 
-    with fail_cleanly():
+    with fail_cleanly(), resumable("knn", argv, kept_features(args.cache)):
         runtime = start_runtime(args)
         records = knn_from_args(args, runtime)
         for record in records:

@@ -23,10 +23,10 @@ the linear and few-shot probes and prints.
 """
 import sys
 
-from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, emit, fail_cleanly,
-                                   load_heavy, make_parser, nonnegative_float, nonnegative_int, positive_float,
-                                   positive_int, preflight, ratio, start_runtime, write_results)
-from d2v_plugin.cli.knn import add_encoder_arguments, store_folder
+from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_runtime_arguments, bounded_float, emit,
+                                   fail_cleanly, load_heavy, make_parser, nonnegative_int, positive_float, positive_int,
+                                   preflight, ratio, resumable, start_runtime, write_results)
+from d2v_plugin.cli.knn import add_encoder_arguments, kept_features, store_folder
 
 
 def fraction_open(text: str) -> float:
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-blocks", action="store_true", help="kNN and linear top-1 of every block")
     parser.add_argument("--k", type=positive_int, nargs="+", default=[10, 20, 100, 200], help="kNN: neighbours")
     parser.add_argument("--temperature", type=positive_float, default=0.07, help="kNN: votes weigh exp(sim / T)")
-    parser.add_argument("--lrs", type=positive_float, nargs="+", default=list(LRS),
+    parser.add_argument("--lrs", type=bounded_float(0, 100), nargs="+", default=list(LRS),
                         help="linear: learning rates of the grid (x batch / 256)")
-    parser.add_argument("--weight-decays", type=nonnegative_float, nargs="+", default=list(WEIGHT_DECAYS),
+    parser.add_argument("--weight-decays", type=bounded_float(0, 10, lo_included=True), nargs="+", default=list(WEIGHT_DECAYS),
                         help="linear: weight decays of the grid")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="linear: SGD (momentum 0.9) or AdamW")
     parser.add_argument("--epochs", type=positive_int, default=10, help="linear: epochs over the cached features")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--held-out", type=fraction_open, default=0.1, help="linear: the part of train held out")
     parser.add_argument("--shots", type=positive_int, nargs="+", default=list(SHOTS), help="few-shot: images per class")
     parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=list(SEEDS), help="few-shot: draws")
-    parser.add_argument("--lambda", dest="lam", type=positive_float, default=LAMBDA,
+    parser.add_argument("--lambda", dest="lam", type=bounded_float(0, 1e4), default=LAMBDA,
                         help="few-shot: L2 weight of the logistic regression (mean loss + lambda/2 ||W||^2)")
     add_runtime_arguments(parser)
     add_out_argument(parser)
@@ -73,14 +73,14 @@ def main(argv=None) -> int:
     from d2v_plugin.evaluation.linear import LinearSettings
     from d2v_plugin.evaluation.probes import described, each_model, parse_probes, run_probes
 
-    with fail_cleanly():
+    with fail_cleanly(), resumable("probe", argv, kept_features(args.cache)):
         probes = parse_probes(args.probes)
         runtime = start_runtime(args)
         linear = LinearSettings(lrs=tuple(args.lrs), weight_decays=tuple(args.weight_decays), optimizer=args.optimizer,
                                 epochs=args.epochs, min_steps=args.min_steps, batch_size=args.probe_batch_size,
                                 held_out=args.held_out, select_on=args.select_on)
         records = []
-        for feats in each_model(args, runtime, sweep=args.sweep_blocks):
+        for feats in each_model(args, runtime, sweep=args.sweep_blocks, probes=probes):
             results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
                                  ks=args.k, temperature=args.temperature, linear=linear, shots=args.shots,
                                  seeds=args.seeds, lam=args.lam, sweep=args.sweep_blocks)

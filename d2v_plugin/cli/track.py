@@ -60,6 +60,9 @@ def main(argv=None) -> int:
         if not args.watch and not os.path.isdir(args.run_dir):
             raise inputs.InputError(f"run folder not found: {args.run_dir} (--watch waits for it to appear)")
     preflight(args, data=args.data, folders=[(args.cache, "--cache")])
+    if args.watch and not os.path.isdir(args.run_dir):
+        print(f"track: waiting for {args.run_dir} to appear (pretraining has not started it yet)", file=sys.stderr,
+              flush=True)
     load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
     from d2v_plugin.evaluation.probes import described, features_from_args, parse_probes, run_probes
@@ -85,7 +88,11 @@ def main(argv=None) -> int:
 
         tracker = Tracker(args.run_dir, settings, probe, runtime, args.cache, args.settle)
 
+        main_pid = os.getpid()
+
         def stop(signum, frame):
+            if os.getpid() != main_pid:  # a data-loading worker (forked with this handler): the main process speaks
+                return
             if tracker.stopping:
                 raise KeyboardInterrupt
             tracker.stopping = True

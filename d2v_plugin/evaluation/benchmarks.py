@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from d2v_plugin.data.index import shown_path
 from d2v_plugin.evaluation.metrics import topk_correct
 
 BENCHMARKS = ("imagenet-v2", "imagenet-real", "imagenet-a", "imagenet-r", "imagenet-sketch")
-WNID = re.compile(r"^n\d{8}$")
+WNID = re.compile(r"^n[0-9]{8}$")
 VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
 R_PREFIXES = ("art_", "cartoon_", "deviantart_", "embroidery_", "graffiti_", "graphic_", "misc_", "origami_",
               "painting_", "sculpture_", "sketch_", "sticker_", "tattoo_", "toy_", "videogame_")
@@ -64,6 +65,11 @@ class Scorer:
         return int(c1), int(c5), len(target)
 
 
+def _index_name(name: str) -> bool:
+    """A folder named by a class index in ASCII digits (``str.isdigit`` also takes '²' and other digits)."""
+    return re.fullmatch(r"[0-9]{1,9}", name) is not None
+
+
 def _folders(root: str) -> list[str]:
     if not os.path.isdir(root):
         raise BenchmarkError(f"--data {root}: not a folder (give the set's folder, the one holding its class folders)")
@@ -75,12 +81,14 @@ def detect(root: str) -> tuple[str, str]:
     names = _folders(root)
     if os.path.isfile(os.path.join(root, "real.json")):
         return "imagenet-real", "real.json beside the val class folders"
-    if names and all(n.isdigit() for n in names):
+    if names and all(_index_name(n) for n in names):
         return "imagenet-v2", f"{len(names)} class folders named by index"
     wnids = [n for n in names if WNID.match(n)]
     if not wnids or len(wnids) != len(names):
+        odd = [shown_path(n) for n in names if not WNID.match(n) and not _index_name(n)]
+        named = f" (folders {', '.join(odd[:5])} are neither)" if odd else ""
         raise BenchmarkError(f"--benchmark auto: {root} holds neither index folders (V2), wnid folders (A, R, Sketch) "
-                             f"nor real.json (ReaL): name the set with --benchmark")
+                             f"nor real.json (ReaL){named}: name the set with --benchmark")
     sample = next((f for f in os.listdir(os.path.join(root, wnids[0]))), "")
     if len(wnids) < 1000:
         kind = "imagenet-r" if sample.lower().startswith(R_PREFIXES) else "imagenet-a"
@@ -106,7 +114,7 @@ def prepare(benchmark: str, root: str, classes: list, num_classes: int, real_lab
     parent, name = os.path.dirname(os.path.abspath(root)), os.path.basename(os.path.abspath(root))
     folders = _folders(root)
     if benchmark == "imagenet-v2":
-        bad = [f for f in folders if not f.isdigit() or int(f) >= num_classes]
+        bad = [shown_path(f) for f in folders if not _index_name(f) or int(f) >= num_classes]
         if bad:
             raise BenchmarkError(f"--benchmark imagenet-v2: folders {', '.join(bad[:5])} are not class indices below "
                                  f"the model's {num_classes} classes (V2's folders are named 0 ... 999)")
@@ -156,7 +164,7 @@ def _real_sets(path: str, index, num_classes: int) -> dict:
             raise BenchmarkError(f"{index.describe(i)}: not an ILSVRC2012_val_NNNNNNNN file: ReaL's labels follow the "
                                  f"val files' numbers")
         labels = real[int(m.group(1)) - 1]
-        if not all(isinstance(c, int) and 0 <= c < num_classes for c in labels):
+        if not all(type(c) is int and 0 <= c < num_classes for c in labels):  # (true is no class)
             raise BenchmarkError(f"{path}: entry {int(m.group(1))} holds labels outside 0..{num_classes - 1}")
         sets[i] = set(labels)
     return sets

@@ -9,3 +9,10 @@ MIN_STEPS = 12_500  # DINOv2's 10 x 1,250 iterations
 SHOTS = (1, 2, 5, 10)
 SEEDS = (0, 1, 2)
 LAMBDA = 0.00025
+
+
+def default_store_dir() -> str:
+    """Where feature stores go without --cache."""
+    import os
+
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "d2v_plugin", "features")

@@ -109,10 +109,13 @@ def nearest(train, train_labels: np.ndarray, queries: torch.Tensor, k: int, runt
 
 
 def vote(sims: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int, temperature: float) -> torch.Tensor:
-    """Class scores [Q, C] of the k nearest: sum of exp(similarity / T) per class."""
-    weights = (sims[:, :k] / temperature).exp() * (labels[:, :k] >= 0)
+    """Class scores [Q, C] of the k nearest: the sum of exp(similarity / T) per class, each query's divided by
+    exp(its best similarity / T) (the same ranking of classes as DINO's sums, which overflow for small T:
+    T = 1e-300 gave every class inf, and a top-1 of chance; here small T tends to the nearest neighbour's class)."""
+    s, valid = sims[:, :k], labels[:, :k] >= 0
+    scaled = torch.where(valid, (s - s[:, :1]) / temperature, torch.full_like(s, -float("inf")))
     votes = torch.zeros(len(sims), num_classes, device=sims.device)
-    return votes.scatter_add_(1, labels[:, :k].clamp(min=0), weights)
+    return votes.scatter_add_(1, labels[:, :k].clamp(min=0), scaled.exp())
 
 
 def knn_probe(train, train_labels, queries: torch.Tensor, query_labels: np.ndarray, num_classes: int, ks,

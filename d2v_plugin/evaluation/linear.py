@@ -209,15 +209,21 @@ def linear_probe(train_x, train_y: np.ndarray, val_x, val_y: np.ndarray, num_cla
     grid = _grid(settings)
     mine = [h for h in range(len(grid)) if h % runtime.world == runtime.rank]
     norm, w, b, steps = train_heads(train_x, train_y, fit, num_classes, settings, runtime, grid, mine)
-    v1, v5, _ = (_summed(runtime, mine, v, len(grid)) for v in score_heads(norm, w, b, val_x, val_y, val_rows, runtime))
+    v1, v5, v_loss = (_summed(runtime, mine, v, len(grid)) for v in score_heads(norm, w, b, val_x, val_y, val_rows,
+                                                                              runtime))
     if held is None:
-        choose, loss, chosen_on, n_choose = v1, torch.zeros(len(grid)), "val", len(val_rows)
+        choose, loss, chosen_on, n_choose = v1, v_loss, "val", len(val_rows)
     else:
         h1, _, h_loss = score_heads(norm, w, b, train_x, train_y, held, runtime)
         choose, loss = _summed(runtime, mine, h1, len(grid)), _summed(runtime, mine, h_loss, len(grid))
         chosen_on, n_choose = f"held-out {len(held)} train images", len(held)
-    # the best top-1; among equals the lower loss; then the grid's order (the smaller lr, the smaller decay)
-    best = min(range(len(grid)), key=lambda h: (-choose[h].item(), loss[h].item(), h))
+    # the best top-1; among equals the lower loss; then the grid's order (the smaller lr, the smaller decay); a
+    # head whose loss is not finite (an lr its weights overflowed at) only when every head is one
+    finite = torch.isfinite(loss)
+    best = min(range(len(grid)), key=lambda h: (not finite[h], -choose[h].item(),
+                                                loss[h].item() if finite[h] else 0.0, h))
+    if not finite[best] and runtime.is_main:
+        logger.warning("linear probe: every head's loss overflowed (lower --lrs)")
     lr, wd = grid[best]
     lrs = sorted(set(settings.lrs))
     edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])

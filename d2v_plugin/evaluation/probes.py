@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from d2v_plugin.evaluation.defaults import default_store_dir
 from d2v_plugin.evaluation.features import FeatureSpec, FeatureStore, split_features
 from d2v_plugin.evaluation.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-
-def default_store_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "d2v_plugin", "features")
 
 
 class View:
@@ -128,10 +125,30 @@ def features_from_args(args, runtime: Runtime, checkpoint: str, sweep: bool = Fa
                            workers=args.workers, chunk=args.store_chunk, data_cfg=data_cfg)
 
 
-def each_model(args, runtime: Runtime, sweep: bool = False):
+def check_splits(args, probes=("knn",)) -> None:
+    """Every split a command reads, opened (indexed, or its index read from the cache) before any work: a
+    missing or empty split, or one whose labels do not fit train's classes, is named now, not after the
+    other split's features were extracted; and the probes' settings against the splits (a held-out part of
+    train with no image in it)."""
+    from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
+    from d2v_plugin.evaluation.linear import held_out_split
+
+    opened = {"data_format": args.data_format, "cache_dir": args.cache_dir, "names": COMMAND_FLAGS}
+    train = open_split(args.data, args.train_split, **opened)
+    open_split(args.data, args.val_split, classes=list(train.classes), **opened)
+    if "linear" in probes and getattr(args, "select_on", "held-out") == "held-out":
+        _, held = held_out_split(np.asarray(train.labels), args.held_out, 0)
+        if not len(held):
+            raise ValueError(f"--held-out {args.held_out:g}: of the {len(train):,} train images no class gives a "
+                             f"held-out image to choose the linear head on; raise it, or --select-on val")
+
+
+def each_model(args, runtime: Runtime, sweep: bool = False, probes=("knn",)):
     """(features) of each of a command's checkpoints in turn, all fed the same pixels: the flags' data config
     over the first model's own, then that one for every other (a comparison of models on different pixels
-    would compare the pixels). Each one's features are closed after its probes."""
+    would compare the pixels). Each one's features are closed after its probes. Every split is checked
+    before the first model is loaded."""
+    check_splits(args, probes)
     data_cfg = None
     for checkpoint in args.checkpoints:
         feats = features_from_args(args, runtime, checkpoint, sweep=sweep, data_cfg=data_cfg)

@@ -21,10 +21,13 @@ import time
 import zipfile
 
 from d2v_plugin.atomic import atomic_path
+from d2v_plugin.evaluation.records import Unreadable, copy_kept, count, fraction, read_jsonl
+from d2v_plugin.models.safe_load import shown
 
 logger = logging.getLogger(__name__)
 
 TRACK_FILE, PLOT_FILE = "track.jsonl", "top1_vs_update.png"
+MOVING_NAMES = ("checkpoint_last.pt", "checkpoint_best.pt", "last.ckpt")  # files rewritten as a run goes on
 PATTERNS = ("*.pt", "*.ckpt", "**/*.ckpt")
 
 
@@ -63,33 +66,55 @@ def _looks_like_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def track_line_problem(record: dict) -> str | None:
+    """Why a parsed line of track.jsonl is not a result this tracker can use (None when it is one)."""
+    if count(record.get("update")) is None:
+        return f"its update {shown(repr(record.get('update'))[:40])} is not a count of updates"
+    if not isinstance(record.get("probe"), str) or len(record["probe"]) > 64:
+        return "it names no probe"
+    if "top1" in record and record["top1"] is not None and fraction(record["top1"]) is None:
+        return f"its top1 {shown(repr(record['top1'])[:40])} is not an accuracy in [0, 1]"
+    if not isinstance(record.get("settings", {}), dict):
+        return "its settings are not an object"
+    return None
+
+
+class Track:
+    """A run's track.jsonl read back: its results, and the lines that are not results (kept as they are by
+    every rewrite). A track.jsonl that is not a regular file is refused, naming it: nothing is written there."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, TRACK_FILE)
+        self.records, self.kept = [], []
+        if not os.path.lexists(self.path):
+            return
+        if os.path.islink(self.path):
+            raise Unreadable(f"{self.path}: a link; track writes its results beside the run, never through a link")
+        self.records, self.kept, problems = read_jsonl(self.path, track_line_problem, "track.jsonl")
+        for problem in problems[:5]:
+            logger.warning(f"{problem}: left out of what is read, kept in the file as it is")
+        if len(problems) > 5:
+            logger.warning(f"{self.path}: {len(problems) - 5} more lines left out, kept as they are")
+
+    def write(self, records: list[dict]) -> None:
+        """The results in update order, then the kept lines as they were, atomically."""
+        records = sorted(records, key=lambda r: (r["update"], r.get("probe", ""), r.get("block") or 0,
+                                                 r.get("k") or r.get("shots") or 0))
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            f.writelines((json.dumps(r) + "\n").encode() for r in records)
+            copy_kept(self.kept, self.path, f)
+        self.records = records
+
+
 def read_track(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, TRACK_FILE)
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    logger.warning(f"{path}: a line that is not JSON was left out: {line[:80]!r}")
-    return out
-
-
-def write_track(run_dir: str, lines: list[dict]) -> None:
-    lines = sorted(lines, key=lambda r: (r.get("update") is None, r.get("update") or 0, r.get("probe", ""),
-                                         r.get("k") or r.get("shots") or 0))
-    with atomic_path(os.path.join(run_dir, TRACK_FILE)) as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
+    """The results of a run's track.jsonl (its other lines named and left out)."""
+    return Track(run_dir).records
 
 
 def plot_track(run_dir: str, lines: list[dict]) -> str:
     series = {}
     for r in lines:
-        if r.get("update") is None or "top1" not in r:
+        if r.get("update") is None or r.get("top1") is None or r.get("block") is not None:
             continue
         label = r["probe"] + (f" k={r['k']}" if r.get("k") else f" {r['shots']}-shot" if r.get("shots") else "")
         series.setdefault(label, []).append((r["update"], 100 * r["top1"]))
@@ -127,8 +152,6 @@ class Tracker:
 
     def __init__(self, run_dir: str, settings: dict, probe, runtime, store_dir: str | None = None,
                  settle_s: float = 2.0):
-        if not os.path.isdir(run_dir):
-            raise FileNotFoundError(f"run folder not found: {run_dir}")
         self.run_dir, self.settings, self.probe, self.runtime = run_dir, settings, probe, runtime
         self.own_dir = os.path.join(run_dir, "track")
         self.store_dir = store_dir or os.path.join(self.own_dir, "features")
@@ -162,18 +185,39 @@ class Tracker:
                 logger.warning(f"not tracked: {err}")
                 self.unusable.add(key)
                 continue
-            if ckpt.step is None:
-                logger.warning(f"not tracked: {path} records no training step")
+            update = count(ckpt.step)
+            if update is None:
+                recorded = "no training step" if ckpt.step is None else \
+                    f"the training step {shown(repr(ckpt.step)[:40])}, which is not a count of updates"
+                logger.warning(f"not tracked: {path} records {recorded}")
                 self.unusable.add(key)
                 continue
-            found.append((int(ckpt.step), path, identity, ckpt.epoch))
-        return sorted(found)
+            epoch = count(ckpt.epoch)
+            found.append((update, path, identity, epoch))
+        return self._one_per_update(sorted(found))
+
+    @staticmethod
+    def _one_per_update(found: list[tuple]) -> list[tuple]:
+        """One file per update (fairseq's checkpoint_last.pt is a copy of the newest interval checkpoint): the
+        one with a name that stays (checkpoint_E_U.pt over checkpoint_last.pt / _best.pt), the others named."""
+        by_update = {}
+        for item in found:
+            by_update.setdefault(item[0], []).append(item)
+        out = []
+        for update, items in by_update.items():
+            items.sort(key=lambda item: (os.path.basename(item[1]) in MOVING_NAMES, item[1]))
+            out.append(items[0])
+            if len(items) > 1:
+                others = ", ".join(os.path.basename(item[1]) for item in items[1:])
+                logger.warning(f"track: {others} also hold{'s' if len(items) == 2 else ''} update {update:,}: "
+                               f"{os.path.basename(items[0][1])} is the one probed")
+        return out
 
     def once(self, wait: bool = True) -> int:
         """One pass: probe every complete checkpoint whose update is not tracked yet; returns how many.
         Rank 0 decides which, and when to stop: every rank probes the same checkpoints together."""
         found = self.runtime.broadcast(self.ready(wait) if self.runtime.is_main else None)
-        done = self._done_updates(read_track(self.run_dir))
+        done = self._done_updates(Track(self.run_dir).records)
         probed = 0
         for update, path, identity, epoch in found:
             if update in done or self.runtime.broadcast(self.stopping if self.runtime.is_main else None):
@@ -189,18 +233,25 @@ class Tracker:
                 # the file as it was: a checkpoint_last.pt or checkpoint_best.pt changes as the run goes on
                 new = [{**r, "update": update, "epoch": epoch, "checkpoint": path, "file": file_record(path),
                         "settings": self.settings} for r in results]
-                lines = read_track(self.run_dir) + new
-                write_track(self.run_dir, lines)
-                plot_track(self.run_dir, lines)
+                track = Track(self.run_dir)  # read again: nothing written there meanwhile is lost
+                track.write(track.records + new)
+                plot_track(self.run_dir, track.records)
             done.add(update)
             probed += 1
         return probed
 
     def watch(self, poll_s: float) -> None:
         """Passes every ``poll_s`` seconds until ``stopping`` is set (SIGTERM, Ctrl-C): between two passes
-        or two checkpoints, never inside the writing of track.jsonl."""
+        or two checkpoints, never inside the writing of track.jsonl. A run folder that does not exist yet
+        (pretraining not started) is waited for."""
         while not self.runtime.broadcast(self.stopping if self.runtime.is_main else None):
+            if not self.runtime.broadcast(os.path.isdir(self.run_dir) if self.runtime.is_main else None):
+                self._sleep(poll_s)
+                continue
             self.once(wait=False)
-            deadline = time.monotonic() + poll_s
-            while not self.stopping and time.monotonic() < deadline:
-                time.sleep(min(0.2, poll_s))
+            self._sleep(poll_s)
+
+    def _sleep(self, poll_s: float) -> None:
+        deadline = time.monotonic() + poll_s
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, poll_s))
