@@ -423,11 +423,21 @@ def test_the_linear_probe_with_its_defaults_converges_on_the_digits_and_sweeps_e
         assert abs(result["top1"] - theirs) <= 0.03, (name, result["top1"], theirs)
     with capsys.disabled():
         print(f"\nlinear probe with its defaults (ours, scikit-learn's): {top1}")
+    # the sweep: every probe on every block (few-shot was dropped without a word), each line naming its own
+    # block's features (every line said mean@1+mean@2+mean@3+mean@4), then each probe's best block
     assert probe_cli.main([str(runs["depth4"] / "checkpoint_best.pt"), "--data", str(runs["data"]), "--probes",
-                           "knn,linear", "--k", "10", "--epochs", "2", "--min-steps", "0", "--sweep-blocks", "--cache",
-                           str(tmp_path / "f"), "--workers", "2"]) == 0
+                           "knn,linear,fewshot", "--k", "10", "--epochs", "2", "--min-steps", "0", "--shots", "2",
+                           "--seeds", "0", "--sweep-blocks", "--cache", str(tmp_path / "f"), "--workers", "2"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [(r["block"], r["probe"]) for r in lines] == [(b, p) for b in (1, 2, 3, 4) for p in ("knn", "linear")]
+    sweep, summary = lines[:12], lines[12:]
+    assert [(r["block"], r["probe"]) for r in sweep] == [(b, p) for b in (1, 2, 3, 4)
+                                                         for p in ("knn", "linear", "fewshot")]
+    assert all(r["features"] == f"mean@{r['block']}" for r in sweep)
+    assert [(r["summary"], r["probe"]) for r in summary] == [("best block", p) for p in ("knn", "linear", "fewshot")]
+    for r in summary:
+        of_probe = [x for x in sweep if x["probe"] == r["probe"]]
+        assert r["top1"] == max(x["top1"] for x in of_probe)
+        assert r["block"] == next(x["block"] for x in of_probe if x["top1"] == r["top1"])
 
 
 def test_compare_shows_the_probes_and_evaluations_written_beside_a_run(runs, tmp_path, capsys):

@@ -14,8 +14,9 @@ features cached once per split; one JSON line per probe (per k, per shot count, 
   logistic regression on centred, normalised features (MSN's); mean and spread over the seeds.
 
 Which features: --block (1..depth, last, or last4: DINOv2's CLS of the last 4 blocks + mean of the last
-block's patch tokens) and --pool. --sweep-blocks gives kNN and linear top-1 of every block, from one
-forward pass. CHECKPOINT: any file the model accepts (pretrained, student, classifier, export folder);
+block's patch tokens) and --pool. --sweep-blocks runs every probe asked for on every block, from one
+forward pass, each line naming its block's features, and ends with one line per probe naming its best
+block. CHECKPOINT: any file the model accepts (pretrained, student, classifier, export folder);
 several are probed in turn on the same pixels (the first one's size, crop and interpolation, or the
 flags'), and every line records the data config it saw.
 Features go to the store of cli.knn (--cache); several ranks extract and search together, rank 0 fits
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     add_encoder_arguments(parser)
     add_data_arguments(parser, help="the dataset, as task.data, with train and val splits")
     parser.add_argument("--probes", default="knn,linear,fewshot", help="which probes, comma-separated")
-    parser.add_argument("--sweep-blocks", action="store_true", help="kNN and linear top-1 of every block")
+    parser.add_argument("--sweep-blocks", action="store_true",
+                        help="every probe on every block (one forward pass), then each probe's best block")
     parser.add_argument("--k", type=positive_int, nargs="+", default=[10, 20, 100, 200], help="kNN: neighbours")
     parser.add_argument("--temperature", type=positive_float, default=0.07, help="kNN: votes weigh exp(sim / T)")
     parser.add_argument("--lrs", type=bounded_float(0, 100), nargs="+", default=list(LRS),
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     preflight(args, args.checkpoints, args.data, [(args.out, "--out")], [(store_folder(args.cache), "--cache")])
     load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
-    from d2v_plugin.evaluation.probes import described, each_model, parse_probes, run_probes
+    from d2v_plugin.evaluation.probes import best_blocks, described, each_model, parse_probes, run_probes
 
     with fail_cleanly(), resumable("probe", argv, kept_features(args.cache)):
         probes = parse_probes(args.probes)
@@ -84,9 +86,15 @@ def main(argv=None) -> int:
             results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
                                  ks=args.k, temperature=args.temperature, linear=linear, shots=args.shots,
                                  seeds=args.seeds, lam=args.lam, sweep=args.sweep_blocks)
+            mine = []
             for record in described(results, feats, runtime, args.train_split):
                 emit(runtime, record)
-                records.append(record)
+                mine.append(record)
+            if args.sweep_blocks:  # the sweep ends with each probe's best block
+                for record in best_blocks(mine):
+                    emit(runtime, record)
+                    mine.append(record)
+            records += mine
         if runtime.is_main:
             write_results(args.out, "probe", records, args)
         runtime.close()

@@ -165,8 +165,8 @@ def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str
     n_train = int((train.labels >= 0).sum())
     extract = round(sum(s.cost["extract_s"] for s in feats.splits.values()), 3)
     stores = None if feats.temporary else [s.cost["store"] for s in feats.splits.values()]  # None: removed after
-    for r in results:
-        yield {**r, "n_train": n_train, **feats.describe(), **runtime.describe(), "extract_s": extract,
+    for r in results:  # (a block's own features, under --sweep-blocks, are the result's)
+        yield {**feats.describe(), **r, "n_train": n_train, **runtime.describe(), "extract_s": extract,
                "features_in": stores}
 
 
@@ -184,6 +184,21 @@ def knn_from_args(args, runtime: Runtime) -> list[dict]:
 
 
 PROBES = ("knn", "linear", "fewshot")
+
+
+def best_blocks(records) -> list[dict]:
+    """After a sweep over the blocks: the best block of each probe (and k, shot count), by top-1, ties to the
+    earlier block; one record each, as the sweep's summary."""
+    best = {}
+    for r in records:
+        if r.get("block") is None or r.get("top1") is None:
+            continue
+        key = (r["probe"], r.get("k"), r.get("shots"))
+        if key not in best or r["top1"] > best[key]["top1"]:
+            best[key] = r
+    return [{"summary": "best block", "probe": probe, **({"k": k} if k is not None else {}),
+             **({"shots": shots} if shots is not None else {}), "block": r["block"], "top1": r["top1"],
+             "checkpoint": r.get("checkpoint")} for (probe, k, shots), r in best.items()]
 
 
 def parse_probes(text: str) -> list[str]:
@@ -211,7 +226,10 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
     blocks = feats.spec.blocks if sweep else [None]
     for block in blocks:
         positions = feats.spec.of_block(block) if block is not None else list(range(len(feats.spec.entries)))
-        where = {"block": block} if block is not None else {}
+        where = {}
+        if block is not None:  # the block's own entries, not the whole sweep's
+            where = {"block": block, "features": "+".join(f"{t}@{b}" for b, t in (feats.spec.entries[i]
+                                                                                 for i in positions))}
         train_view, val_view = train.view(positions), val.view(positions)
         if "knn" in probes:
             queries = torch.from_numpy(np.ascontiguousarray(val_view[:]))
@@ -222,7 +240,7 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
         if "linear" in probes:
             yield {**linear_probe(train_view, train.labels, val_view, val.labels, classes, linear or LinearSettings(),
                                   runtime), **where}
-        if "fewshot" in probes and not sweep:
+        if "fewshot" in probes:
             for r in fewshot.fewshot_probe(train_view, train.labels, val_view, val.labels, classes, runtime,
                                            shots or fewshot.SHOTS, seeds or fewshot.SEEDS, lam or fewshot.LAMBDA):
                 yield {**r, **where}
