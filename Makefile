@@ -17,6 +17,10 @@ $(STAMP):
 	$(PY) -m pip install --no-deps --no-build-isolation -r requirements-fairseq.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	$(PY) -m d2v_plugin_quiet --install
+	# the repository on the path as a path entry too: pip's editable finder comes after the folder fairseq
+	# puts first for common.user_dir, so from the repository's parent folder (the clone named d2v_plugin)
+	# the clone itself would be imported as an empty namespace package ("Could not infer task type")
+	$(PY) -c "import os, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'd2v_plugin_repository.pth'), 'w').write(os.getcwd() + '\n')"
 	$(PY) -c "import fairseq, timm, torch, d2v_plugin; print('torch', torch.__version__, 'timm', timm.__version__, 'fairseq', fairseq.__version__)"
 	rm -f $(VENV)/.installed-*
 	touch $@

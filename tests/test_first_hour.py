@@ -212,3 +212,19 @@ def test_the_pace_is_said_once_from_the_measured_updates():
     assert pace.said == ("training at 2.0 s/update (measured over updates 2-3); the next progress line "
                          "(common.log_interval=100) in 3 min; an epoch (about 500 updates) takes 17 min; the "
                          "remaining 997 updates to update 1000, 33 min")
+
+
+def test_a_run_from_the_repositorys_parent_folder_with_the_relative_user_dir_works(tmp_path):
+    """A clone named d2v_plugin seen from its parent: fairseq put the parent first on sys.path and imported the
+    clone as an empty namespace package ('Could not infer task type'); make setup's path entry wins."""
+    from d2v_plugin.demo_data import write_random_images
+
+    write_random_images(str(tmp_path / "images"), classes=3, per_class={"train": 4, "val": 2}, size=24)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    os.symlink(REPO, parent / "d2v_plugin")
+    cmd = train_cmd(tmp_path, tmp_path / "images", tmp_path / "run", "dataset.num_workers=0", max_update=1)
+    cmd[cmd.index("--config-dir") + 1] = os.path.join(REPO, "config")
+    result = subprocess.run(cmd, cwd=parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint_last.pt").is_file()
