@@ -67,6 +67,7 @@ import fairseq
 import fairseq.checkpoint_utils
 import fairseq.dataclass.utils
 import torch
+from hydra.errors import CompactHydraException
 from omegaconf.errors import ConfigKeyError
 from fairseq.file_io import PathManager
 from fairseq.optim.composite import FairseqCompositeOptimizer
@@ -170,8 +171,9 @@ def install() -> None:
         fairseq.checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu_checked
 
 
-class UnknownSetting(ConfigKeyError):
-    """A key of an override that its section does not have, named with the nearest keys it has."""
+class UnknownSetting(ConfigKeyError, CompactHydraException):
+    """A key of an override that its section does not have, named with the nearest keys it has. A compact
+    Hydra exception: Hydra prints its message alone, one line, without the traceback to it."""
 
 
 def merge_with_parent_naming_unknown_keys(dc, cfg, remove_missing=False):
