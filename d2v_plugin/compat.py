@@ -40,7 +40,7 @@ upstream behaviour it changes is still there (tests/test_compat.py), so it can g
    another, and does not step it again: ``fairseq_cli.train.train`` is wrapped, and ``load_checkpoint``
    is seen through ``fairseq_cli.train``'s view of ``checkpoint_utils`` (as in 4).
 
-6. Unknown keys named. An override whose key is a typo (``+task.dta=...``) ends in omegaconf's
+6. Unknown keys named, missing ones refused. An override whose key is a typo (``+task.dta=...``) ends in omegaconf's
    ``ConfigKeyError: Key 'dta' not in 'ImageFolderClassificationConfig'`` from fairseq's
    ``merge_with_parent``; the patch says ``unknown key task.dta; did you mean task.data?`` (the keys
    of that section nearest the typo). The error stays a ``ConfigKeyError``. (Without the ``+`` Hydra
@@ -176,8 +176,34 @@ class UnknownSetting(ConfigKeyError, CompactHydraException):
     Hydra exception: Hydra prints its message alone, one line, without the traceback to it."""
 
 
+class MissingSetting(CompactHydraException, ValueError):
+    """A setting the recipe leaves to the user (``???``) that the command line did not give."""
+
+
+ALLOW_MISSING = {"on": False}  # cli.recipe prints a recipe with what it leaves to the user still unset
+
+
+def _section(cfg) -> str | None:
+    try:
+        return cfg._get_full_key(None) or None  # "task", "model": where add_defaults took cfg from
+    except Exception:
+        return None
+
+
 def merge_with_parent_naming_unknown_keys(dc, cfg, remove_missing=False):
-    """fairseq's ``merge_with_parent``; a key the dataclass does not have is named with its section."""
+    """fairseq's ``merge_with_parent``; a key the dataclass does not have is named with its section, and a
+    setting the recipe leaves to the user (``???``) that was not given is an error naming it: the merge
+    would put the dataclass's default in its place (a model.pretrained_checkpoint left out trained a
+    randomly initialised encoder, without a word)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg) and not ALLOW_MISSING["on"]:
+        missing = [k for k in cfg if isinstance(k, str) and OmegaConf.is_missing(cfg, k)]
+        if missing:
+            section = _section(cfg)
+            full = f"{section}.{missing[0]}" if section else missing[0]
+            extra = "; null trains from a random initialisation" if missing[0] == "pretrained_checkpoint" else ""
+            raise MissingSetting(f"{full} is not set: pass {full}=... (the recipe leaves it to you{extra})")
     try:
         return _original_merge_with_parent(dc, cfg, remove_missing)
     except ConfigKeyError as err:
@@ -188,11 +214,7 @@ def merge_with_parent_naming_unknown_keys(dc, cfg, remove_missing=False):
 
 def unknown_key_message(dc, cfg, err) -> str:
     """``unknown key task.dta; did you mean task.data?`` for the key omegaconf could not place."""
-    section = None
-    try:
-        section = cfg._get_full_key(None) or None  # "task", "model": where add_defaults took cfg from
-    except Exception:
-        pass
+    section = _section(cfg)
     inner = (err.full_key or str(err.key)).split(".")
     where = ".".join(p for p in ([section] if section else []) + inner[:-1])
     owner = err.object_type if hasattr(err.object_type, "__dataclass_fields__") else dc

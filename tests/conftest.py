@@ -107,8 +107,12 @@ def json_records(output, kind):
 
 
 def exception_line(stderr, prefixes=("d2v_plugin.",)):
-    """The exception line hydra prints last (before its HYDRA_FULL_ERROR hint): exactly one."""
+    """The exception line hydra prints last (before its HYDRA_FULL_ERROR hint): exactly one. A compact
+    Hydra exception (the plugin's settings errors) is its message alone, with no traceback before it."""
     lines = [line for line in stderr.splitlines() if line.startswith(prefixes)]
+    if not lines and "Traceback" not in stderr:
+        before = stderr.split("\nSet the environment variable HYDRA_FULL_ERROR")[0].rstrip().splitlines()
+        lines = before[-1:]
     assert len(lines) == 1, stderr[-2000:]
     return lines[0]
 

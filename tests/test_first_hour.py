@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO, VENV_BIN, exception_line, json_records, run, train_cmd
 
-COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack"]
+COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack", "probe", "track",
+            "recipe"]
 THIRD_PARTY_NOISE = ("FutureWarning", "UserWarning", "DeprecationWarning", "DEBUG:", "warnings.warn(")
 
 

@@ -372,3 +372,20 @@ def test_d2v2_base_recipe_applies_data2vecs_lr_scales_weight_decay_and_drop_path
     their_blocks = [*theirs.model.modality_encoders["IMAGE"].context_encoder.blocks, *theirs.model.blocks]
     assert rates(ours.encoder.blocks) == rates(their_blocks)  # per block, exactly
     assert rates(their_blocks)[:3] == pytest.approx([0.0, 0.1 / 9, 0.2 / 9])
+
+
+@pytest.mark.parametrize("world,update_freq", [(1, 8), (8, 1)])
+def test_cli_recipe_prints_what_a_run_will_really_use(capsys, world, update_freq):
+    """fairseq-hydra-train --cfg job shows update_freq: [1] where a run on one GPU sets 8."""
+    import yaml
+
+    from d2v_plugin.cli import recipe
+
+    assert recipe.main(["distilled_imagenet", "task.data=/data/imagenet", "--world-size", str(world)]) == 0
+    out = capsys.readouterr().out
+    header = [line for line in out.splitlines() if line.startswith("#")]
+    assert f"global batch 256 = dataset.batch_size 32 x {world} ranks x optimization.update_freq {update_freq}" in out
+    assert any("precision: fp16" in line for line in header)
+    cfg = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("#")))
+    assert cfg["optimization"]["update_freq"] == [update_freq] and cfg["task"]["data"] == "/data/imagenet"
+    assert cfg["distributed_training"]["distributed_world_size"] == world and cfg["model"]["pretrained_checkpoint"] == "???"

@@ -121,6 +121,8 @@ PLUGIN_ERRORS = ("d2v_plugin.", "ValueError: ", "FileNotFoundError: ")
 
 @pytest.mark.parametrize("overrides,expected", [
     (["task.data=???"], "task.data is not set: pass task.data="),
+    # (it trained a randomly initialised encoder, without a word: fairseq's merge put the default in its place)
+    (["model.pretrained_checkpoint=???"], "model.pretrained_checkpoint is not set: pass model.pretrained_checkpoint="),
     # (a missing data folder and a class-count mismatch: tests/test_end_to_end.py)
     (["model.pretrained_checkpoint=/no/ckpt.pt"], "checkpoint not found: /no/ckpt.pt"),
     (["model.depth=9"], "model.depth=9 but the checkpoint has 5 blocks"),
