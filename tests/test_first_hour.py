@@ -239,3 +239,24 @@ def test_the_readmes_demo_figures_say_what_they_were_measured_on_and_how_bf16_fa
     demo = text[text.index("### What the demo prints"):text.index("## Installing by hand")]
     assert "idle machine" in demo and "OMP_NUM_THREADS" in demo and "dataset.num_workers=1" in demo
     assert "2.5x faster" not in text and "Where loading dominates" in text
+
+
+def test_the_readmes_checkpoints_to_track_block_leaves_three_checkpoints_and_their_track(runs, tmp_path):
+    """checkpoint.save_interval_updates=50 alone kept one checkpoint (the demo recipe's keep_interval_updates: 1)."""
+    command = readme_block_after("**Checkpoints to track.**")
+    assert "checkpoint.keep_interval_updates=-1" in command
+    demo = tmp_path / "demo_work"
+    demo.mkdir()
+    os.symlink(runs["data"], demo / "data")
+    os.symlink(runs["init"], demo / "init.pt")
+    command = command.replace("demo_work/", f"{demo}/").replace(
+        "--config-name demo", "--config-name demo task.image_size=16 dataset.batch_size=64 dataset.num_workers=1 "
+                              "optimization.max_epoch=100 common.log_interval=50")
+    command = command.replace("save_interval_updates=50", "save_interval_updates=4").replace("max_update=150", "max_update=12")
+    result = subprocess.run(["bash", "-ec", command], cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    run_dir = demo / "tracked"
+    assert len(list(run_dir.glob("checkpoint_*_*.pt"))) >= 3
+    rows = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [4, 8, 12] and all(len(r["file"]["sha256"]) == 64 for r in rows)
