@@ -132,7 +132,9 @@ def preflight(args, checkpoints=(), data=None, outputs=(), folders=(), files=())
         if data is not None:
             inputs.data_root(data)
         for path, what in outputs:
-            if path:
+            if path and what == "--out" and not str(path).endswith(".jsonl"):
+                inputs.folder(path, what)  # a results folder
+            elif path:
                 inputs.output_file(path, what)
         for path, what in folders:
             if path:
@@ -165,29 +167,22 @@ def emit(runtime, record: dict) -> None:
     """One JSON line on stdout, from rank 0 only."""
     import json
 
-    if runtime is None or runtime.is_main:
-        print(json.dumps(record), flush=True)
+    if runtime is None or runtime.is_main:  # (keys starting with _ are for the results file: per-image rows)
+        print(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}), flush=True)
 
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None,
-                        help="also write the results, with the command's settings, to this JSON Lines file (put it "
-                             "in the run's folder, e.g. RUN/eval_val.jsonl: cli.compare shows them beside the run; default: printed only)")
+    parser.add_argument("--out", default=None, metavar="DIR|FILE.jsonl",
+                        help="also write the results, with the command's settings and provenance, and each image's "
+                             "outcome (Parquet, for cli.compare --paired), to this results folder (or JSON Lines "
+                             "file); cli.compare reads both, and a run's folder (default: printed only)")
 
 
-def write_results(path: str | None, command: str, records: list, args) -> None:
-    """The results as JSON Lines, each with the command and its settings (what a researcher keeps)."""
-    import json
-    import os
+def write_results(path: str | None, command: str, records: list, args, indexes: dict | None = None) -> None:
+    """The results (and their per-image outcomes, beside them) where --out says: evaluation/results.py."""
+    from d2v_plugin.evaluation.results import save
 
-    if not path:
-        return
-    from d2v_plugin.atomic import atomic_path
-
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    with atomic_path(os.path.abspath(path)) as tmp, open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps({"command": command, **record, "settings": settings}, default=str) + "\n")
+    save(path, command, records, args, indexes)
 
 
 @contextlib.contextmanager

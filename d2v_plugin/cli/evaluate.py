@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     load_heavy()
     from d2v_plugin.data.containers import COMMAND_FLAGS, open_split
     from d2v_plugin.evaluation import benchmarks
+    from d2v_plugin.evaluation.features import index_identity
     from d2v_plugin.evaluation.loop import evaluate
+    from d2v_plugin.evaluation.outcomes import Collector
+    from d2v_plugin.evaluation.provenance import provenance
     from d2v_plugin.inference import load_classifier
 
     with fail_cleanly():
@@ -87,12 +90,15 @@ def main(argv=None) -> int:
             from d2v_plugin.evaluation.per_class import Confusion
 
             confusion = Confusion(model.cfg.num_classes, runtime.device)
+        collector = Collector() if args.out else None
         result = evaluate(model, index, runtime, args.batch_size, args.workers, scorer, desc=f"evaluate {name}",
-                          confusion=confusion)
+                          confusion=confusion, outcomes=collector)
         if result["n"] == 0:
             raise NothingCounted(f"no image of {index.split_dir} could be read or scored: nothing was evaluated")
         result = {**result, **details, "split": None if args.benchmark else args.split, "checkpoint": args.checkpoint,
-                  "accuracy_unit": "fraction"}
+                  "accuracy_unit": "fraction", **provenance(runtime, args.checkpoint, index_identity(index))}
+        if collector is not None:
+            result["_outcomes"] = collector.gathered(runtime)
         if confusion is not None:
             from d2v_plugin.evaluation.per_class import write_per_class
 
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
                 result.update(write_per_class(args.per_class, matrix, list(names)))
         emit(runtime, result)
         if runtime.is_main:
-            write_results(args.out, "evaluate", [result], args)
+            write_results(args.out, "evaluate", [result], args, {result["split"]: index})
         runtime.close()
     return 0
 

@@ -78,11 +78,11 @@ def main(argv=None) -> int:
 
     with fail_cleanly(), resumable("knn", argv, kept_features(args.cache)):
         runtime = start_runtime(args)
-        records = knn_from_args(args, runtime)
+        records, indexes = knn_from_args(args, runtime)
         for record in records:
             emit(runtime, record)
         if runtime.is_main:
-            write_results(args.out, "knn", records, args)
+            write_results(args.out, "knn", records, args, indexes)
         runtime.close()
     return 0
 

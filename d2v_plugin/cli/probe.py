@@ -81,13 +81,14 @@ def main(argv=None) -> int:
         linear = LinearSettings(lrs=tuple(args.lrs), weight_decays=tuple(args.weight_decays), optimizer=args.optimizer,
                                 epochs=args.epochs, min_steps=args.min_steps, batch_size=args.probe_batch_size,
                                 held_out=args.held_out, select_on=args.select_on)
-        records = []
+        records, indexes = [], {}
         for feats in each_model(args, runtime, sweep=args.sweep_blocks, probes=probes):
             results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
                                  ks=args.k, temperature=args.temperature, linear=linear, shots=args.shots,
-                                 seeds=args.seeds, lam=args.lam, sweep=args.sweep_blocks)
+                                 seeds=args.seeds, lam=args.lam, sweep=args.sweep_blocks, outcomes=bool(args.out))
+            indexes[args.val_split] = feats.splits[args.val_split].index
             mine = []
-            for record in described(results, feats, runtime, args.train_split):
+            for record in described(results, feats, runtime, args.train_split, args.val_split):
                 emit(runtime, record)
                 mine.append(record)
             if args.sweep_blocks:  # the sweep ends with each probe's best block
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                     mine.append(record)
             records += mine
         if runtime.is_main:
-            write_results(args.out, "probe", records, args)
+            write_results(args.out, "probe", records, args, indexes)
         runtime.close()
     return 0
 

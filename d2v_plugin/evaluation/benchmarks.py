@@ -38,31 +38,38 @@ class BenchmarkError(ValueError):
 
 @dataclass
 class Scorer:
-    """Counts (top-1, top-5, images) of a batch of logits: plain, on a subset of the classes, or on label sets."""
+    """Each image's outcome in a batch of logits (its top-5 classes, whether top-1 and top-5 are right, whether it
+    counts), and the batch's counts: plain, on a subset of the classes (A / R), or on label sets (ReaL)."""
 
     subset: torch.Tensor | None = None  # model class indices the set has (A / R)
     label_sets: dict = field(default_factory=dict)  # index item -> set of class indices (ReaL)
 
-    def count(self, logits: torch.Tensor, target: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
+    def outcome(self, logits: torch.Tensor, target: torch.Tensor, ids: torch.Tensor) -> dict:
+        """Per image: ``top5`` [B, 5] model class indices (-1 past the classes there are), ``top1`` / ``top5_ok``
+        right or not, ``counted`` (ReaL leaves out images without a label set), ``in_set`` (ReaL: the top-1 in
+        the image's label set, else None)."""
+        k = 5
         if self.subset is not None:
             subset = self.subset.to(logits.device)
-            restricted = logits[:, subset]
-            top = subset[restricted.topk(min(5, len(subset)), dim=1).indices]  # back to the model's class indices
-            hits = top == target.unsqueeze(1)
-            return int(hits[:, 0].sum()), int(hits.any(1).sum()), len(target)
+            top = subset[logits[:, subset].topk(min(k, len(subset)), dim=1).indices]  # the model's class indices
+        else:
+            top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        if top.shape[1] < k:
+            top = torch.cat([top, top.new_full((len(top), k - top.shape[1]), -1)], dim=1)
         if self.label_sets:
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().tolist()
-            c1 = c5 = n = 0
-            for i, predicted in zip(ids.tolist(), top):
-                labels = self.label_sets.get(i, set())
-                if not labels:
-                    continue  # no label fits the image (timm's real_labels.py leaves these out)
-                n += 1
-                c1 += predicted[0] in labels
-                c5 += any(p in labels for p in predicted)
-            return c1, c5, n
-        c1, c5 = topk_correct(logits, target)
-        return int(c1), int(c5), len(target)
+            sets = [self.label_sets.get(i, set()) for i in ids.tolist()]
+            rows = top.cpu().tolist()
+            c1 = torch.tensor([bool(s) and r[0] in s for r, s in zip(rows, sets)])
+            c5 = torch.tensor([bool(s) and any(p in s for p in r) for r, s in zip(rows, sets)])
+            counted = torch.tensor([bool(s) for s in sets])  # no label fits the image: timm's real_labels.py leaves it
+            return {"top5": top, "top1": c1, "top5_ok": c5, "counted": counted, "in_set": c1}
+        hits = top == target.unsqueeze(1)
+        return {"top5": top, "top1": hits[:, 0], "top5_ok": hits.any(1),
+                "counted": torch.ones(len(target), dtype=torch.bool, device=top.device), "in_set": None}
+
+    def count(self, logits: torch.Tensor, target: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
+        o = self.outcome(logits, target, ids)
+        return int(o["top1"].sum()), int(o["top5_ok"].sum()), int(o["counted"].sum())
 
 
 def _index_name(name: str) -> bool:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from d2v_plugin.evaluation.defaults import LAMBDA, SEEDS, SHOTS
 from d2v_plugin.evaluation.metrics import fraction, topk_correct
 from d2v_plugin.evaluation.runtime import Runtime
+from d2v_plugin.evaluation.statistics import interval, mean_interval
 
 
 
@@ -80,6 +81,8 @@ def fewshot_probe(train_x, train_y: np.ndarray, val_x, val_y: np.ndarray, num_cl
         mine = [i for i, (kk, _) in enumerate(draws) if kk == k]
         top1 = [fraction(int(correct[i]), len(vy)) for i in mine]
         out.append({"probe": "fewshot", "shots": k, "top1": statistics.mean(top1),
+                    "top1_interval": {**mean_interval(top1), "per_seed": [interval(int(correct[i]), len(vy))
+                                                                           for i in mine]},
                     "top1_std": statistics.pstdev(top1), "top1_min": min(top1), "top1_max": max(top1),
                     "top1_per_seed": top1, "seeds": list(seeds), "lambda": lam,
                     "lambda_divided_by": "the drawn images (MSN)", "features": "row-centred, L2-normalised (MSN)",

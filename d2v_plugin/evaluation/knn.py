@@ -118,10 +118,25 @@ def vote(sims: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int, tem
     return votes.scatter_add_(1, labels[:, :k].clamp(min=0), scaled.exp())
 
 
+def outcome_rows(scores: torch.Tensor, target: torch.Tensor, positions: np.ndarray) -> dict:
+    """Each query's outcome (evaluation/outcomes.py's rows): its place in the split, label, top-5, right or not."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    if k < 5:
+        top = torch.cat([top, top.new_full((len(top), 5 - k), -1)], dim=1)
+    hits = top == target.unsqueeze(1)
+    return {"position": np.asarray(positions, dtype=np.int64), "label": target.cpu().numpy().astype(np.int64),
+            "top5": top.cpu().numpy().astype(np.int32), "correct_top1": hits[:, 0].cpu().numpy(),
+            "correct_top5": hits.any(1).cpu().numpy(), "counted": np.ones(len(target), dtype=bool)}
+
+
 def knn_probe(train, train_labels, queries: torch.Tensor, query_labels: np.ndarray, num_classes: int, ks,
-              temperature: float, runtime: Runtime) -> list[dict]:
-    """One result per k: top-1 / top-5 of the queries (those with a label >= 0) as fractions."""
+              temperature: float, runtime: Runtime, outcomes: bool = False) -> list[dict]:
+    """One result per k: top-1 / top-5 of the queries (those with a label >= 0) as fractions, with their 95%
+    intervals; ``outcomes``: each with its per-image rows (``_outcomes``, on every rank: the search's answer is
+    the same on each)."""
     from d2v_plugin.evaluation.metrics import topk_correct
+    from d2v_plugin.evaluation.statistics import interval
 
     start = time.perf_counter()
     keep = np.asarray(query_labels) >= 0
@@ -131,8 +146,13 @@ def knn_probe(train, train_labels, queries: torch.Tensor, query_labels: np.ndarr
     out = []
     for k in ks:
         used = min(k, k_max)
-        top1, top5 = (int(c) for c in topk_correct(vote(sims, labels, used, num_classes, temperature), target))
-        out.append({"k": used, "k_asked": k, "top1": fraction(top1, len(target)),
-                    "top5": fraction(top5, len(target)), "n": len(target)})
+        scores = vote(sims, labels, used, num_classes, temperature)
+        top1, top5 = (int(c) for c in topk_correct(scores, target))
+        result = {"k": used, "k_asked": k, "top1": fraction(top1, len(target)),
+                  "top1_interval": interval(top1, len(target)), "top5": fraction(top5, len(target)),
+                  "top5_interval": interval(top5, len(target)), "n": len(target)}
+        if outcomes:
+            result["_outcomes"] = outcome_rows(scores, target, np.flatnonzero(keep))
+        out.append(result)
     search_s = round(time.perf_counter() - start, 3)
     return [{**r, "search_s": search_s} for r in out]

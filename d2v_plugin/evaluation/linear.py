@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from d2v_plugin.evaluation.defaults import LRS, MIN_STEPS, WEIGHT_DECAYS
 from d2v_plugin.evaluation.metrics import fraction, topk_correct
 from d2v_plugin.evaluation.runtime import Runtime
+from d2v_plugin.evaluation.statistics import interval
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def _summed(runtime: Runtime, mine: list[int], values: torch.Tensor, count: int)
 
 
 def linear_probe(train_x, train_y: np.ndarray, val_x, val_y: np.ndarray, num_classes: int, settings: LinearSettings,
-                 runtime: Runtime) -> dict:
+                 runtime: Runtime, outcomes: bool = False) -> dict:
     """The grid trained (each rank its share of the heads), a head chosen (on held-out train rows, or on
     val), and its val top-1 / top-5. ``train_x`` / ``val_x``: row-indexable features (a store's view)."""
     start = time.perf_counter()
@@ -231,8 +232,21 @@ def linear_probe(train_x, train_y: np.ndarray, val_x, val_y: np.ndarray, num_cla
         logger.warning(f"linear probe: the chosen lr {lr:g} is the {'largest' if lr == lrs[-1] else 'smallest'} "
                        f"of the grid (--lrs): the best may lie beyond it")
     tied = int(sum(1 for h in range(len(grid)) if choose[h] == choose[best]))
+    rows = None
+    if outcomes:  # the chosen head's per-image outcomes on val, from the rank that trained it
+        mine_rows = None
+        if best in mine:
+            from d2v_plugin.evaluation.knn import outcome_rows
+
+            h = mine.index(best)
+            with torch.no_grad():
+                logits = norm(read_rows(val_x, val_rows, runtime.device)) @ w[h].T + b[h]
+            mine_rows = outcome_rows(logits, torch.from_numpy(val_y[val_rows]).to(runtime.device), val_rows)
+        rows = next(r for r in runtime.gather_objects(mine_rows) if r is not None)
     return {"probe": "linear", "top1": fraction(int(v1[best]), len(val_rows)),
-            "top5": fraction(int(v5[best]), len(val_rows)), "n": len(val_rows), "lr": lr,
+            "top1_interval": interval(int(v1[best]), len(val_rows)), "top5": fraction(int(v5[best]), len(val_rows)),
+            "top5_interval": interval(int(v5[best]), len(val_rows)), **({"_outcomes": rows} if outcomes else {}),
+            "n": len(val_rows), "lr": lr,
             "lr_scaled": lr * (settings.batch_size / 256 if settings.scale_lr else 1), "weight_decay": wd,
             "selected_on": chosen_on, "selection_top1": fraction(int(choose[best]), n_choose),
             "selection_loss": loss[best].item() / n_choose if held is not None else None,

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from d2v_plugin.evaluation.metrics import fraction, topk_correct
+from d2v_plugin.evaluation.metrics import fraction
 from d2v_plugin.evaluation.runtime import Runtime, progress
 
 
@@ -56,11 +56,16 @@ def eval_batches(index, data_cfg, runtime: Runtime, batches: list[list[int]], wo
 
 
 def evaluate(model, index, runtime: Runtime, batch_size: int = 64, workers: int | None = None,
-             scorer=None, desc: str = "evaluate", confusion=None) -> dict:
+             scorer=None, desc: str = "evaluate", confusion=None, outcomes=None) -> dict:
     """Top-1 / top-5 of a loaded classifier on a split, over every rank's shard, as exact fractions of
-    the images counted. ``scorer``: how another set counts (evaluation/benchmarks.py: a subset of the
-    classes, label sets); plain top-k by default. ``confusion`` (evaluation/per_class.py) is shown
-    every batch's top-1 predictions."""
+    the images counted, with their 95% intervals. ``scorer``: how another set counts (evaluation/
+    benchmarks.py: a subset of the classes, label sets); plain top-k by default. ``confusion``
+    (evaluation/per_class.py) is shown every batch's top-1 predictions, ``outcomes`` (evaluation/outcomes.py)
+    every image's."""
+    from d2v_plugin.evaluation.benchmarks import Scorer
+    from d2v_plugin.evaluation.statistics import interval
+
+    scorer = scorer or Scorer()
     workers = runtime.default_workers() if workers is None else workers
     model = model.to(runtime.device).eval()
     mine = batches_of(runtime.shard(len(index)), batch_size)
@@ -69,16 +74,15 @@ def evaluate(model, index, runtime: Runtime, batch_size: int = 64, workers: int 
     with torch.no_grad(), runtime.autocast():
         for images, target, ids in eval_batches(index, model.data_cfg, runtime, mine, workers, desc=desc):
             logits = model(images).float()
-            if scorer is not None:
-                c1, c5, counted = scorer.count(logits, target, ids)
-            else:
-                c1, c5 = (int(c) for c in topk_correct(logits, target))
-                counted = len(target)
+            outcome = scorer.outcome(logits, target, ids)
             if confusion is not None:
                 confusion.add(logits, target)
-            top1, top5, n = top1 + c1, top5 + c5, n + counted
+            if outcomes is not None:
+                outcomes.add(ids, target, outcome)
+            top1, top5 = top1 + int(outcome["top1"].sum()), top5 + int(outcome["top5_ok"].sum())
+            n += int(outcome["counted"].sum())
     top1, top5, n = runtime.sum([top1, top5, n])
     seconds = time.perf_counter() - start
-    return {"top1": fraction(top1, n), "top5": fraction(top5, n), "n": n, "data": model.data_cfg.describe(),
-            **runtime.describe(),
+    return {"top1": fraction(top1, n), "top1_interval": interval(top1, n), "top5": fraction(top5, n),
+            "top5_interval": interval(top5, n), "n": n, "data": model.data_cfg.describe(), **runtime.describe(),
             "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1) if seconds else None}

@@ -44,6 +44,7 @@ class SplitFeatures:
     store: FeatureStore
     labels: np.ndarray
     cost: dict
+    index: object = None  # the split's index: its images' identities, for per-image outcomes
 
     def view(self, positions) -> View:
         return View(self.store, positions)
@@ -109,7 +110,7 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
         split_store, cost = split_features(encoder, checkpoint, choice, index, data_cfg, spec, runtime, store,
                                            batch_size, workers, desc=f"{split} features", chunk=chunk,
                                            num_classes=len(result.classes))
-        result.splits[split] = SplitFeatures(split, split_store, split_store.labels(), cost)
+        result.splits[split] = SplitFeatures(split, split_store, split_store.labels(), cost, index)
     return result
 
 
@@ -159,28 +160,34 @@ def each_model(args, runtime: Runtime, sweep: bool = False, probes=("knn",)):
             feats.close(runtime)
 
 
-def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str = "train"):
-    """Each result with what it is of: the checkpoint, the features, the device, the extraction's cost."""
+def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str = "train", val_split: str = "val"):
+    """Each result with what it is of: the checkpoint, the features, the device, the extraction's cost, and its
+    provenance (the checkpoint's SHA-256, the val split's index digest, versions, the command, the date)."""
+    from d2v_plugin.evaluation.provenance import provenance
+
     train = feats.splits[train_split]
     n_train = int((train.labels >= 0).sum())
     extract = round(sum(s.cost["extract_s"] for s in feats.splits.values()), 3)
     stores = None if feats.temporary else [s.cost["store"] for s in feats.splits.values()]  # None: removed after
+    origin = provenance(runtime, feats.checkpoint, feats.splits[val_split].store.key["index"])
     for r in results:  # (a block's own features, under --sweep-blocks, are the result's)
         yield {**feats.describe(), **r, "n_train": n_train, **runtime.describe(), "extract_s": extract,
-               "features_in": stores}
+               "features_in": stores, "split": val_split, **origin}
 
 
-def knn_from_args(args, runtime: Runtime) -> list[dict]:
-    """``cli.knn``'s run: for each checkpoint, features of the train and val splits, then one result per k."""
-    out = []
+def knn_from_args(args, runtime: Runtime) -> tuple[list[dict], dict]:
+    """``cli.knn``'s run: for each checkpoint, features of the train and val splits, then one result per k (with
+    its per-image rows when --out is given); (results, the val split's index)."""
+    out, indexes = [], {}
     for feats in each_model(args, runtime):
         n_train = int((feats.splits[args.train_split].labels >= 0).sum())
         if max(args.k) > n_train and runtime.is_main:
             logger.warning(f"--k {max(args.k)} is more than the {n_train} train images: k = {n_train} is used")
         results = run_probes(feats, ["knn"], runtime, train_split=args.train_split, val_split=args.val_split,
-                             ks=args.k, temperature=args.temperature)
-        out += list(described(results, feats, runtime, args.train_split))
-    return out
+                             ks=args.k, temperature=args.temperature, outcomes=bool(args.out))
+        out += list(described(results, feats, runtime, args.train_split, args.val_split))
+        indexes[args.val_split] = feats.splits[args.val_split].index
+    return out, indexes
 
 
 PROBES = ("knn", "linear", "fewshot")
@@ -211,11 +218,12 @@ def parse_probes(text: str) -> list[str]:
 
 def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: str = "train", val_split: str = "val",
                ks=(20,), temperature: float = 0.07, linear=None, shots=None, seeds=None, lam=None,
-               sweep: bool = False):
+               sweep: bool = False, outcomes: bool = False):
     """Each probe on the cached features (every block's, with ``sweep``): yields one result per probe and k /
     shot count (and block), with the probe's time in it. Every probe runs on every rank: kNN with the train
     rows split over them, the linear probe with the grid's heads split, few-shot with the draws split; rank
-    0's results are the ones printed."""
+    0's results are the ones printed. ``outcomes``: kNN's and the linear probe's results carry their per-image
+    rows (``_outcomes``: evaluation/outcomes.py's, of the val split)."""
     import torch
 
     from d2v_plugin.evaluation import fewshot, knn
@@ -233,13 +241,14 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
         train_view, val_view = train.view(positions), val.view(positions)
         if "knn" in probes:
             queries = torch.from_numpy(np.ascontiguousarray(val_view[:]))
-            for r in knn.knn_probe(train_view, train.labels, queries, val.labels, classes, ks, temperature, runtime):
+            for r in knn.knn_probe(train_view, train.labels, queries, val.labels, classes, ks, temperature, runtime,
+                                   outcomes):
                 yield {**r, "probe": "knn", "temperature": temperature, **where}
         # the linear and few-shot probes read the rows they use from the store (never all of train in memory);
         # every rank trains its share of the heads / draws, and the scores are summed over the ranks
         if "linear" in probes:
             yield {**linear_probe(train_view, train.labels, val_view, val.labels, classes, linear or LinearSettings(),
-                                  runtime), **where}
+                                  runtime, outcomes), **where}
         if "fewshot" in probes:
             for r in fewshot.fewshot_probe(train_view, train.labels, val_view, val.labels, classes, runtime,
                                            shots or fewshot.SHOTS, seeds or fewshot.SEEDS, lam or fewshot.LAMBDA):

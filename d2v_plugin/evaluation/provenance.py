@@ -84,3 +84,67 @@ def file_record(path: str) -> dict:
     target = weights_file(os.fspath(path))
     st = os.stat(target)
     return {"path": os.fspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256(path)}
+
+
+_versions: dict = {}
+
+
+def _git_commit(folder: str) -> str | None:
+    """The commit of the checkout the plugin runs from (None when it is not one, or git is not there);
+    '+changes' when the working tree differs from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict:
+    """The plugin's version (and its git commit when run from a checkout) and torch's, timm's and fairseq's."""
+    if not _versions:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(name):
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return None
+
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        _versions.update({"d2v_plugin": of("d2v_plugin"), "git_commit": _git_commit(package), "torch": of("torch"),
+                          "timm": of("timm"), "fairseq": of("fairseq-fixed") or of("fairseq")})
+    return dict(_versions)
+
+
+def command_line() -> str:
+    """The command as the user typed it (``python -m d2v_plugin.cli.evaluate ...``)."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(".py") and os.sep + "d2v_plugin" + os.sep + "cli" + os.sep in argv[0]:
+        argv = ["python", "-m", "d2v_plugin.cli." + os.path.basename(argv[0])[:-3], *argv[1:]]
+    return shlex.join(argv)
+
+
+def provenance(runtime=None, checkpoint: str | None = None, index_digest: str | None = None) -> dict:
+    """Where a result came from, recorded in every result: the code (versions, commit), where it ran (device,
+    precision, ranks), what it measured (the checkpoint's SHA-256, the split's index digest), the command
+    and the date."""
+    import datetime
+
+    out = {"versions": versions(), "command_line": command_line(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if runtime is not None:
+        out.update(runtime.describe())
+    if checkpoint is not None:
+        out["checkpoint_sha256"] = sha256(checkpoint)
+    if index_digest is not None:
+        out["index_digest"] = index_digest
+    return {"provenance": out}

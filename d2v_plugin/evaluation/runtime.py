@@ -114,6 +114,14 @@ class Runtime:
         torch.distributed.all_gather(out, tensor)
         return out
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (any picklable value, its own size per rank), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (a decision all ranks must share)."""
         if not self.distributed:

@@ -117,13 +117,17 @@ def plot_track(run_dir: str, lines: list[dict]) -> str:
         if r.get("update") is None or r.get("top1") is None or r.get("block") is not None:
             continue
         label = r["probe"] + (f" k={r['k']}" if r.get("k") else f" {r['shots']}-shot" if r.get("shots") else "")
-        series.setdefault(label, []).append((r["update"], 100 * r["top1"]))
+        band = r.get("top1_interval") if isinstance(r.get("top1_interval"), dict) else {}
+        lo, hi = band.get("low"), band.get("high")
+        series.setdefault(label, []).append((r["update"], 100 * r["top1"], (100 * lo, 100 * hi)
+                                             if isinstance(lo, float) and isinstance(hi, float) else None))
     return plot_top1_vs_update(os.path.join(run_dir, PLOT_FILE), series)
 
 
 def plot_top1_vs_update(path: str, series: dict, legend_size=None) -> str:
     """A PNG of val top-1 (%) against the pretraining update: one line per ``series`` entry (label ->
-    [(update, top-1 %)]), written atomically."""
+    [(update, top-1 %)] or [(update, top-1 %, (low %, high %))], the interval drawn as a band), written
+    atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +135,11 @@ def plot_top1_vs_update(path: str, series: dict, legend_size=None) -> str:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for label, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points))
+        points = sorted(p if len(p) == 3 else (*p, None) for p in points)
+        xs, ys, bands = zip(*points)
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if all(b is not None for b in bands):  # the 95% interval of each point, as a band
+            ax.fill_between(xs, [b[0] for b in bands], [b[1] for b in bands], alpha=0.2)
     ax.set_xlabel("pretraining update")
     ax.set_ylabel("val top-1 (%)")
     ax.grid(alpha=0.3)
