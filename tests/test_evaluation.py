@@ -46,7 +46,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-STRIP = ("seconds", "images_per_s", "ranks", "search_s", "extract_s", "features_in", "per_class_dir")
+STRIP = ("seconds", "images_per_s", "ranks", "search_s", "extract_s", "features_in", "per_class_dir", "provenance")
 
 
 def results(stdout):
@@ -57,9 +57,10 @@ def results(stdout):
 def test_two_ranks_under_torchrun_give_one_ranks_results(tiny):
     data = ["--data", tiny / "images", "--workers", "1"]
     best = tiny / "run" / "checkpoint_best.pt"
-    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    two = torchrun("d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc2", port=free_port())
+    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc1",
+                          "--out", tiny / "out1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    two = torchrun("d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc2", "--out", tiny / "out2",
+                   port=free_port())
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert results(one.stdout) == results(two.stdout) and results(one.stdout)[0]["n"] == 15  # 8 + 7 images
     assert json.loads(two.stdout)["ranks"] == 2 and len(two.stdout.strip().splitlines()) == 1  # rank 0 prints
@@ -76,11 +77,21 @@ def test_two_ranks_under_torchrun_give_one_ranks_results(tiny):
     with Image.open(tiny / "pc2" / "confusion.png") as img:
         img.verify()
     knn = ["--k", "3", "5", "--cache"]
-    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    two = torchrun("d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f2", port=free_port())
+    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f1",
+                          "--out", tiny / "out1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    two = torchrun("d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f2", "--out", tiny / "out2",
+                   port=free_port())
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert results(one.stdout) == results(two.stdout) and [r["k"] for r in results(one.stdout)] == [3, 5]
+    # the per-image outcomes, gathered over the ranks in index order: one rank's file, row for row
+    import pyarrow.parquet as pq
+
+    files = sorted(p.name for p in (tiny / "out1").glob("*.outcomes.parquet"))
+    assert len(files) == 3 and files == sorted(p.name for p in (tiny / "out2").glob("*.outcomes.parquet"))
+    for name in files:
+        a, b = pq.read_table(tiny / "out1" / name), pq.read_table(tiny / "out2" / name)
+        assert a.num_rows == 15 and a.equals(b), name
+        assert a.column("position").to_pylist() == list(range(15))
 
 
 def knn_inputs(tiny, store):

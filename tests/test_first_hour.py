@@ -241,22 +241,53 @@ def test_the_readmes_demo_figures_say_what_they_were_measured_on_and_how_bf16_fa
     assert "2.5x faster" not in text and "Where loading dominates" in text
 
 
-def test_the_readmes_checkpoints_to_track_block_leaves_three_checkpoints_and_their_track(runs, tmp_path):
-    """checkpoint.save_interval_updates=50 alone kept one checkpoint (the demo recipe's keep_interval_updates: 1)."""
+@pytest.fixture(scope="module")
+def tracked(runs, tmp_path_factory):
+    """The README's "Checkpoints to track" block, run on the session's digits (checkpoints every 4 updates, not
+    50): demo_work/ with the run, its track and its data."""
     command = readme_block_after("**Checkpoints to track.**")
     assert "checkpoint.keep_interval_updates=-1" in command
-    demo = tmp_path / "demo_work"
+    demo = tmp_path_factory.mktemp("tracked") / "demo_work"
     demo.mkdir()
     os.symlink(runs["data"], demo / "data")
     os.symlink(runs["init"], demo / "init.pt")
-    command = command.replace("demo_work/", f"{demo}/").replace(
-        "--config-name demo", "--config-name demo task.image_size=16 dataset.batch_size=64 dataset.num_workers=1 "
-                              "optimization.max_epoch=100 common.log_interval=50")
-    command = command.replace("save_interval_updates=50", "save_interval_updates=4").replace("max_update=150", "max_update=12")
-    result = subprocess.run(["bash", "-ec", command], cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    result = run_readme(command, demo, ("--config-name demo", "--config-name demo task.image_size=16 "
+                                        "dataset.batch_size=64 dataset.num_workers=1 optimization.max_epoch=100 "
+                                        "common.log_interval=50"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    run_dir = demo / "tracked"
+    return demo
+
+
+def run_readme(command: str, demo, *changes):
+    """A README block run from the repository root on ``demo`` (its demo_work/), checkpoints every 4 updates."""
+    command = command.replace("demo_work/", f"{demo}/").replace("save_interval_updates=50", "save_interval_updates=4")
+    command = command.replace("max_update=150", "max_update=12").replace("checkpoint_1_50", "checkpoint_1_4")
+    for old, new in changes:
+        command = command.replace(old, new)
+    return subprocess.run(["bash", "-ec", command], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+
+
+def test_the_readmes_checkpoints_to_track_block_leaves_three_checkpoints_and_their_track(tracked):
+    """checkpoint.save_interval_updates=50 alone kept one checkpoint (the demo recipe's keep_interval_updates: 1)."""
+    run_dir = tracked / "tracked"
     assert len(list(run_dir.glob("checkpoint_*_*.pt"))) >= 3
     rows = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [4, 8, 12] and all(len(r["file"]["sha256"]) == 64 for r in rows)
+    assert all(r["top1_interval"]["low"] <= r["top1"] <= r["top1_interval"]["high"] for r in rows)
+
+
+def test_the_readmes_is_the_difference_real_block_gives_the_verdict_its_discordant_counts_imply(tracked):
+    from d2v_plugin.evaluation.statistics import mcnemar
+
+    result = run_readme(readme_block_after("**Is the difference real?**"), tracked)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    pair = json.loads(result.stdout.strip().splitlines()[-1])
+    assert pair["a"].startswith("evaluate-val-checkpoint_1_4-") and pair["b"].startswith("evaluate-val-checkpoint_best-")
+    a, b = pair["only_a_right"], pair["only_b_right"]
+    expected = ("A better" if a > b else "B better") if mcnemar(a, b) < 0.05 else "within noise at 95%"
+    assert pair["verdict"] == expected and pair["holm_p"] == pair["mcnemar_p"] == mcnemar(a, b)
+    d = pair["difference"]
+    assert d["difference"] == pytest.approx(pair["top1_a"] - pair["top1_b"]) and d["low"] <= d["difference"] <= d["high"]
+    assert d["resamples"] == 10_000 and pair["n"] == 360
+    assert (tracked / "paired" / "paired.md").is_file()

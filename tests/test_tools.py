@@ -3,6 +3,7 @@
 One session fixture trains two real runs on scikit-learn's digits with fairseq-hydra-train: a 2-block
 student cut from a 6-block checkpoint by model.depth, and a 4-block one from `convert --depth 4`.
 """
+import hashlib
 import json
 import os
 import re
@@ -184,29 +185,44 @@ def test_compare_two_runs_writes_plots_and_a_report_matching_the_logs(runs, tmp_
             assert img.size[0] > 100 and len(img.convert("RGB").getcolors(1 << 20)) > 10  # not blank
     report = (out / "report.md").read_text()
     assert "against the largest model, **depth 4**" in report
-    kinds = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.splitlines()
-             if line.startswith("| depth") and line.count("|") > 10}
-    assert kinds == {"depth 2": "fine-tune", "depth 4": "fine-tune"}
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
-            for line in report.splitlines() if line.startswith("| depth") and line.count("|") > 10}
+    rows = {r["model"]: r for r in markdown_table(report, "| model | kind |")}
+    assert {label: r["kind"] for label, r in rows.items()} == {"depth 2": "fine-tune", "depth 4": "fine-tune"}
     for label, run, depth in (("depth 2", runs["depth2"], 2), ("depth 4", runs["depth4"], 4)):
         valid, updates = log_lines(run)
         best_epoch, best = max(valid, key=lambda v: v[1])
         row = rows[label]
-        assert float(row[6]) == pytest.approx(best, abs=1e-3) and int(row[9]) == best_epoch
-        assert int(row[12].replace(",", "")) == max(updates) == 270
-        assert int(row[8].replace(",", "")) == 45 * best_epoch  # 45 updates per epoch: validated at its end
+        assert float(row["best top-1 (%)"]) == pytest.approx(best, abs=1e-3) and int(row["epoch"]) == best_epoch
+        lo, hi = (float(x) for x in row["95% interval"].split(" (")[0].split("–"))
+        assert lo < best < hi and "(n 360)" in row["95% interval"]  # the run's validation n, from its log
+        assert int(row["updates"].replace(",", "")) == max(updates) == 270
+        assert int(row["at update"].replace(",", "")) == 45 * best_epoch  # 45 updates per epoch: validated at its end
+        sha = hashlib.sha256((run / "checkpoint_best.pt").read_bytes()).hexdigest()
+        assert row["checkpoint measured"] == f"checkpoint_best.pt {sha[:8]}"  # the number names what it measured
         # encoder parameters counted from the checkpoint's tensors (the fixed positions are not trained)
         saved = torch.load(run / "checkpoint_best.pt", weights_only=True)["model"]
         expected = sum(v.numel() for k, v in saved.items() if k.startswith("encoder.") and k != "encoder.pos_embed")
-        assert int(row[0].replace(",", "")) == expected
+        assert int(row["encoder params"].replace(",", "")) == expected
         # GFLOPs per image against a count from the shapes: 16 px, patch 4 -> 16 patches + CLS, 64 wide, 10 classes
-        assert float(row[2]) == pytest.approx(vit_flops(64, depth, 17, 4, 10) / 1e9, rel=1e-3)
-        assert float(row[4].split()[0]) > 0 and "–" in row[4] and float(row[13]) > 0 and float(row[14]) > 0
-    assert rows["depth 4"][1] == "1.00" and rows["depth 4"][7] == "+0.000"
-    p2, p4 = (int(rows[k][0].replace(",", "")) for k in ("depth 2", "depth 4"))
+        assert float(row["GFLOPs/image"]) == pytest.approx(vit_flops(64, depth, 17, 4, 10) / 1e9, rel=1e-3)
+        assert float(row["inference images/s"].split()[0]) > 0 and "–" in row["inference images/s"]
+        assert float(row["training time (h)"]) > 0 and float(row["training images/s"]) > 0
+    assert rows["depth 4"]["x params"] == "1.00" and rows["depth 4"]["top-1 vs reference"] == "+0.000"
+    p2, p4 = (int(rows[k]["encoder params"].replace(",", "")) for k in ("depth 2", "depth 4"))
     assert p4 - p2 == 2 * (12 * 64 * 64 + 13 * 64)  # two more 64-wide blocks, each 12d^2 + 13d
-    assert float(rows["depth 2"][1]) == pytest.approx(p2 / p4, abs=0.005)
+    assert float(rows["depth 2"]["x params"]) == pytest.approx(p2 / p4, abs=0.005)
+
+
+def markdown_table(report: str, header_start: str) -> list[dict]:
+    """The rows of the Markdown table whose header starts with ``header_start``, as dicts by column."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    names = [c.strip() for c in lines[start].split("|")[1:-1]]
+    out = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        out.append(dict(zip(names, (c.strip() for c in line.split("|")[1:-1]))))
+    return out
 
 
 def error_line(capsys):
@@ -440,23 +456,41 @@ def test_the_linear_probe_with_its_defaults_converges_on_the_digits_and_sweeps_e
         assert r["block"] == next(x["block"] for x in of_probe if x["top1"] == r["top1"])
 
 
-def test_compare_shows_the_probes_and_evaluations_written_beside_a_run(runs, tmp_path, capsys):
-    import shutil
+def test_compare_rows_are_models_each_number_names_its_checkpoint_and_columns_sort_by_number(runs, tmp_path, capsys):
+    """A run, the file it was initialised from and a results folder: an init could not be a row; the probe row
+    showed checkpoint_last.pt's results beside checkpoint_best.pt's top-1 unnamed; columns sorted as text
+    (1-shot, 10-shot, 2-shot; k=10, k=100, k=20); both runs 'the largest' at one size."""
+    best, init, other = runs["depth4"] / "checkpoint_best.pt", runs["student"], runs["depth2"] / "checkpoint_best.pt"
+    results = tmp_path / "results"
+    data = ["--data", str(runs["data"]), "--cache", str(tmp_path / "f"), "--out", str(results)]
+    assert evaluate_cli.main([str(best), "--data", str(runs["data"]), "--out", str(results)]) == 0
+    assert knn_cli.main([str(best), str(init), str(other), *data, "--k", "10", "100", "20"]) == 0
+    from d2v_plugin.cli import probe as probe_cli
 
-    run = tmp_path / "depth4"
-    shutil.copytree(runs["depth4"], run)
-    best = str(run / "checkpoint_best.pt")
-    assert evaluate_cli.main([best, "--data", str(runs["data"]), "--out", str(run / "eval_val.jsonl")]) == 0
-    assert knn_cli.main([best, "--data", str(runs["data"]), "--k", "10", "--cache", str(tmp_path / "f"), "--out",
-                         str(run / "knn.jsonl")]) == 0
+    assert probe_cli.main([str(init), *data, "--probes", "fewshot", "--shots", "1", "10", "2", "5", "--seeds", "0"]) == 0
     capsys.readouterr()
-    evaluated = json.loads((run / "eval_val.jsonl").read_text())
-    assert evaluated["command"] == "evaluate" and evaluated["settings"]["checkpoint"] == best  # with its settings
-    knn = json.loads((run / "knn.jsonl").read_text())
-    assert compare_cli.main([str(run), "--out", str(tmp_path / "report"), "--no-speed"]) == 0
+    assert compare_cli.main([str(runs["depth4"]), str(init), str(results), "--out", str(tmp_path / "report"),
+                             "--no-speed"]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
-    row = next(line for line in report.split("## Probes and other sets")[1].splitlines() if line.startswith("| depth4"))
-    assert f"{evaluated['top1']:.4f}" in row and f"{knn['top1']:.4f}" in row
+    models = markdown_table(report, "| model | kind |")
+    assert [m["model"] for m in models] == ["depth4", "student4.pt", "results"]  # the folder: the one other checkpoint
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest()[:8] for p in (best, init, other)}
+    assert [m["checkpoint measured"] for m in models] == [f"checkpoint_best.pt {sha[best]}", f"student4.pt {sha[init]}",
+                                                          f"checkpoint_best.pt {sha[other]}"]
+    table = report.split("## Probes and other sets")[1]
+    header = next(line for line in table.splitlines() if line.startswith("| model |"))
+    assert [c.strip() for c in header.split("|")[2:-1]] == [
+        "val top-1", "kNN k=10 top-1", "kNN k=20 top-1", "kNN k=100 top-1", "1-shot top-1", "2-shot top-1",
+        "5-shot top-1", "10-shot top-1"]
+    notes = dict(re.findall(r"\[(\d+)\] (\S+ [0-9a-f]{8})", table.split("Checkpoints measured:")[1]))
+    cells = markdown_table(table, "| model |")
+    for cell, expected in ((cells[0]["val top-1"], best), (cells[0]["kNN k=100 top-1"], best),
+                           (cells[1]["kNN k=10 top-1"], init), (cells[1]["10-shot top-1"], init),
+                           (cells[2]["kNN k=20 top-1"], other)):
+        note = re.search(r"\[(\d+)\]$", cell).group(1)  # every number names the checkpoint it measured
+        assert notes[note].endswith(sha[expected]) and re.search(r"\(0\.\d{4}–[01]\.\d{4}\)", cell), cell
+    assert cells[2]["val top-1"] == "n/a" and cells[1]["val top-1"] == "n/a"
+    assert "tie as the largest" in report.splitlines()[2] or "**depth4**" in report.splitlines()[2]
 
 
 def test_compare_measures_speed_interleaved_so_drift_hits_every_model_alike(monkeypatch):
@@ -489,3 +523,38 @@ def test_compare_measures_speed_interleaved_so_drift_hits_every_model_alike(monk
     medians = [speeds[m]["median"] for m in "abc"]
     assert max(medians) / min(medians) < 1.05, speeds  # one after the other: 1.4x apart
     assert all(speeds[m]["min"] < speeds[m]["median"] < speeds[m]["max"] for m in "abc")  # the spread is kept
+
+
+def test_compare_reads_only_what_it_can_and_names_every_file_and_line_it_skips(tmp_path, capsys):
+    """A FIFO named *.log hung it, a link to /dev/zero took 6.9 GB, crafted values (accuracy 'abc', updates
+    Infinity, a 40 MB top1, a kNN record without k) ended in tracebacks, and one bad file stopped the report."""
+    run = tmp_path / "run"
+    (run / "hydra").mkdir(parents=True)
+    good = ['[2026-12-01 10:00:00,000][valid][INFO] - {"epoch": 1, "valid_accuracy": "50.0", "valid_n": "360", '
+            '"valid_num_updates": "10"}',
+            '[2026-12-01 10:00:01,000][valid][INFO] - {"epoch": 2, "valid_accuracy": "abc", "valid_num_updates": "20"}',
+            '[2026-12-01 10:00:02,000][valid][INFO] - {"epoch": 3, "valid_accuracy": null, "valid_num_updates": "30"}',
+            '[2026-12-01 10:00:03,000][train][INFO] - {"epoch": 3, "train_num_updates": Infinity, "train_wall": "5"}']
+    (run / "hydra" / "train.log").write_text("\n".join(good) + "\n")
+    os.mkfifo(run / "stuck.log")
+    os.symlink("/dev/zero", run / "zero.log")
+    os.mkfifo(run / "stuck.jsonl")
+    os.symlink("/dev/zero", run / "zero.jsonl")
+    lines = ['{"command": "knn", "probe": "knn", "top1": 0.5, "n": 10}', '{"command": "evaluate", "top1": "abc"}',
+             '{"command": "evaluate", "top1": null}', '{"command": "evaluate", "top1": "' + "9" * 2_000_000 + '"}',
+             '{"command": "evaluate", "split": "val", "top1": 0.25, "n": 360, "checkpoint": "x.pt"}']
+    (run / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert compare_cli.main([str(run), "--out", str(tmp_path / "report"), "--no-speed"]) == 0
+    assert "not read, listed there" in capsys.readouterr().out
+    report = (tmp_path / "report" / "report.md").read_text()
+    row = markdown_table(report, "| model | kind |")[0]
+    assert row["best top-1 (%)"] == "50.000" and row["updates"] == "10"  # the one whole validation record
+    assert "| 0.2500 (" in report  # the one readable result
+    skipped = report.split("## Not read")[1]
+    for name, why in (("stuck.log", "not a regular file"), ("zero.log", "not a regular file"),
+                      ("stuck.jsonl", "not a regular file"), ("zero.jsonl", "not a regular file"),
+                      ("results.jsonl line 1", "a kNN result without its k"),
+                      ("results.jsonl line 2", "its top1 'abc' is not an accuracy"),
+                      ("results.jsonl line 3", "its top1 'None' is not an accuracy"),
+                      ("results.jsonl line 4", "longer than 1,048,576 bytes")):
+        assert any(name in line and why in line for line in skipped.splitlines()), (name, skipped)

@@ -3,8 +3,9 @@
 A row is a model: a fine-tuning run's folder (fairseq's log: its best validation top-1, when and how fast it
 was reached; its checkpoint_best.pt), a checkpoint file (an init, a released data2vec file, a student), or
 the models a results folder holds results of (``evaluate/knn/probe --out``, ``track.jsonl``, one row per
-checkpoint measured). Results written anywhere given are attached to every row whose checkpoint they measured
-(by its SHA-256), so an init and its fine-tuned run, or a student and the base model, are rows of one report.
+checkpoint measured that no run folder or checkpoint file given is). Results written anywhere given are
+attached to every row whose checkpoint they measured (by its SHA-256), so an init and its fine-tuned run, or a
+student and the base model, are rows of one report.
 Every number keeps the checkpoint it measured (its file name and hash) and its 95% interval.
 
 Everything is read as a file from outside (evaluation/records.py): regular files of bounded size only, each
@@ -13,6 +14,7 @@ name and the reason, and the report goes on.
 """
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
@@ -275,14 +277,20 @@ def rows_of(paths, labels=None, skipped: list | None = None) -> tuple[list[Row],
                 by_model.setdefault(key, []).append(r)
             for key, found in by_model.items():
                 checkpoint = found[0].get("checkpoint")
-                label = f"{name}: {os.path.basename(str(checkpoint))}" if len(by_model) > 1 else name
-                rows.append(Row(label, "results", checkpoint, _sha(found[0]), None, found))
+                rows.append(Row(name, "results", checkpoint, _sha(found[0]), None, found))
         else:
             from d2v_plugin import inputs
 
             inputs.checkpoint(path)
             rows.append(Row(name, "checkpoint", path, _hash(path)))
-    # results measured on a checkpoint that is another row's: shown there too
+    # results measured on a checkpoint that is another row's are shown there: a results folder adds rows only for
+    # the checkpoints no run folder or checkpoint file given is
+    named = {r.sha256 for r in rows if r.kind != "results" and r.sha256}
+    rows = [r for r in rows if not (r.kind == "results" and r.sha256 in named)]
+    folders = collections.Counter(r.label for r in rows if r.kind == "results")
+    for row in rows:  # a folder with results of several other checkpoints: a row each, named by the file
+        if row.kind == "results" and folders[row.label] > 1:
+            row.label = f"{row.label}: {os.path.basename(str(row.checkpoint))}"
     for row in rows:
         if row.sha256:
             extra = [r for r in loose if _sha(r) == row.sha256 and r not in row.results]
