@@ -63,6 +63,9 @@ def main():
         _, folder, n, dim, steps, device = args.worker
         print(json.dumps(scale.linear_scale_worker(folder, int(n), int(dim), int(steps), device)))
         return
+    if args.worker and args.worker[0] == "hash":
+        print(json.dumps(scale.hash_worker(args.worker[1])))
+        return
     if args.worker and args.worker[0] == "train_step_pair":
         _, depth, batch, steps = args.worker
         print(json.dumps(train_step.train_step_pair_worker(int(depth), int(batch), int(steps), warmup=1)))
