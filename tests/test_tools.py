@@ -491,6 +491,24 @@ def test_compare_rows_are_models_each_number_names_its_checkpoint_and_columns_so
         assert notes[note].endswith(sha[expected]) and re.search(r"\(0\.\d{4}–[01]\.\d{4}\)", cell), cell
     assert cells[2]["val top-1"] == "n/a" and cells[1]["val top-1"] == "n/a"
     assert "tie as the largest" in report.splitlines()[2] or "**depth4**" in report.splitlines()[2]
+    # the leaderboard: a row per model, probe and set with its provenance; one whose checkpoint no longer hashes
+    # as it did when measured (its recorded hash changed here, as a rewritten file's would) is stale
+    knn_file = next(results.glob("knn-*.jsonl"))
+    lines = [json.loads(x) for x in knn_file.read_text().splitlines()]
+    lines[0]["provenance"]["checkpoint_sha256"] = "0" * 64
+    knn_file.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert compare_cli.main([str(results), "--out", str(tmp_path / "report2"), "--no-speed", "--leaderboard",
+                             str(tmp_path / "board")]) == 0
+    board = markdown_table((tmp_path / "board.md").read_text(), "| model | measure |")
+    # best: val + 2 k (its k=10 line now names another hash: a row of its own); init: 3 k + 4 shots; other: 3 k
+    assert len(board) == 3 + 1 + 7 + 3 and {b["measure"] for b in board} >= {"kNN k=100 top-1", "10-shot top-1"}
+    stale = [b for b in board if b["stale"]]
+    assert len(stale) == 1 and "the checkpoint changed" in stale[0]["stale"]
+    import csv
+
+    with open(tmp_path / "board.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(board) and all(r["index_digest"] and r["command"] for r in rows)
 
 
 def test_compare_measures_speed_interleaved_so_drift_hits_every_model_alike(monkeypatch):

@@ -291,6 +291,10 @@ def rows_of(paths, labels=None, skipped: list | None = None) -> tuple[list[Row],
     for row in rows:  # a folder with results of several other checkpoints: a row each, named by the file
         if row.kind == "results" and folders[row.label] > 1:
             row.label = f"{row.label}: {os.path.basename(str(row.checkpoint))}"
+    named_twice = collections.Counter(r.label for r in rows)
+    for row in rows:  # two files of one name (checkpoint_best.pt of two runs): their hashes tell them apart
+        if row.kind == "results" and named_twice[row.label] > 1:
+            row.label = f"{row.label} {(row.sha256 or 'no hash')[:8]}"
     for row in rows:
         if row.sha256:
             extra = [r for r in loose if _sha(r) == row.sha256 and r not in row.results]
