@@ -58,7 +58,7 @@ def load_classifier(path: str, trust: bool = False, num_heads: int | None = None
 
 def load_encoder(path: str, trust: bool = False, prefix: str | None = None, num_heads: int | None = None,
                  norm_eps: float | None = None, image_size: int | None = None, crop_ratio: float | None = None,
-                 interpolation: str | None = None):
+                 interpolation: str | None = None, weights: str = "student"):
     """(eval-mode encoder, data config, the Checkpoint) of any file a reader knows: a pretrained encoder,
     a student, a classifier (its encoder) or an export folder. The data config is the one its training
     evaluated with where the file says (size, crop, interpolation), else data2vec's (resize to 256 for 224,
@@ -66,7 +66,7 @@ def load_encoder(path: str, trust: bool = False, prefix: str | None = None, num_
     from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
 
     given = {k: v for k, v in (("num_heads", num_heads), ("norm_eps", norm_eps)) if v is not None}
-    ckpt = read_checkpoint(os.fspath(path), trust=trust, prefix=prefix, given=given)
+    ckpt = read_checkpoint(os.fspath(path), trust=trust, prefix=prefix, given=given, weights=weights)
     cfg, state = encoder_part(ckpt, image_size=image_size, depth_setting="--depth")
     try:
         data_cfg = resolve_data_config(**{**{k: v for k, v in ckpt.data.items() if v is not None},

@@ -392,3 +392,49 @@ def test_probes_flags_are_checked_before_any_work_and_a_tiny_temperature_is_the_
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert expected in err, (extra, err)
         assert not (tmp_path / "store").exists(), extra  # nothing extracted before the answer
+
+
+def test_weights_ema_is_data2vecs_own_teacher_and_a_file_without_one_is_named(tmp_path, monkeypatch):
+    """A data2vec 2.0 pretraining checkpoint holds the student and the EMA teacher (``_ema``); the teacher was
+    dropped. --weights ema gives data2vec's own teacher model's features, from its own code."""
+    from fairseq import checkpoint_utils
+
+    from d2v_plugin.models.checkpoints import CheckpointError
+    from d2v_plugin.models.encoder import Data2Vec2ImageEncoder
+    from d2v_plugin.testing.reference import data2vec
+
+    data = tmp_path / "images"
+    write_random_images(str(data), classes=3, per_class={"train": 8, "val": 4}, size=32)
+    pretrain(data, tmp_path / "run", 4)
+    path = str(tmp_path / "run" / "checkpoint_1_4.pt")
+    data2vec()  # its task and model registered
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # (data2vec's own file pickles its enums)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": str(data)})
+    model = models[0].eval()
+    teacher = model.ema.model.eval()  # restored from _ema by data2vec's _load_from_state_dict
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        theirs = teacher.extract_features(images, mode="IMAGE", mask=False, remove_extra_tokens=False)["x"]
+        student = model.extract_features(images, mode="IMAGE", mask=False, remove_extra_tokens=False)["x"]
+        ours = Data2Vec2ImageEncoder.from_pretrained(path, weights="ema").eval().extract_features(images)
+        ours_student = Data2Vec2ImageEncoder.from_pretrained(path).eval().extract_features(images)
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (ours_student - student).abs().max() < 1e-5 and (ours - ours_student).abs().max() > 1e-4
+    # a teacher without its own patch embedding (ema_local_encoder: false) reads the student's
+    state = torch.load(path, weights_only=False)
+    state["model"]["_ema"] = {k: v for k, v in state["model"]["_ema"].items() if "local_encoder" not in k}
+    torch.save(state, tmp_path / "no_local.pt")
+    with torch.no_grad():
+        teacher.modality_encoders["IMAGE"].local_encoder = model.modality_encoders["IMAGE"].local_encoder
+        theirs = teacher.extract_features(images, mode="IMAGE", mask=False, remove_extra_tokens=False)["x"]
+        ours = Data2Vec2ImageEncoder.from_pretrained(str(tmp_path / "no_local.pt"), weights="ema").extract_features(images)
+    assert (ours - theirs).abs().max() < 1e-5
+    with pytest.raises(CheckpointError, match=r"holds no EMA teacher weights .*give --weights student"):
+        Data2Vec2ImageEncoder.from_pretrained(str(_student_only(tmp_path)), weights="ema")
+
+
+def _student_only(tmp_path):
+    from d2v_plugin.testing.checkpoints import save_data2vec_checkpoint
+
+    save_data2vec_checkpoint(tiny_encoder(), str(tmp_path / "student_only.pt"), prenet_depth=0)
+    return tmp_path / "student_only.pt"

@@ -22,12 +22,19 @@ from d2v_plugin.cli.common import (add_data_arguments, add_out_argument, add_run
                                    resumable, start_runtime, write_results)
 
 
+def add_weights_argument(parser) -> None:
+    parser.add_argument("--weights", default="student", choices=("student", "ema"),
+                        help="which encoder of the file: the student (the model trained) or ema (a data2vec 2.0 "
+                             "pretraining checkpoint's EMA teacher)")
+
+
 def add_encoder_arguments(parser) -> None:
     """Which encoder of the file, and at which image size and crop: what changes its features."""
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                         help="pretrained encoder, student, fine-tuned checkpoint or export folder; several: each is "
                              "probed in turn on the same pixels (the first one's data config, or the flags')")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoint (default: found)")
+    add_weights_argument(parser)
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="default: the (first) checkpoint's")
     parser.add_argument("--crop-ratio", type=ratio, default=None,

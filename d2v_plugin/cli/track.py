@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 
+from d2v_plugin.cli.knn import add_weights_argument
 from d2v_plugin.cli.common import (add_data_arguments, add_runtime_arguments, fail_cleanly, load_heavy, make_parser,
                                    nonnegative_int, positive_float, positive_int, preflight, ratio)
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block", default="last", help="the block read: 1..depth, last or last4")
     parser.add_argument("--pool", default="mean", choices=("mean", "cls", "mean+cls"), help="the tokens pooled")
     parser.add_argument("--prefix", default=None, help="key prefix of the encoder in the checkpoints (default: found)")
+    add_weights_argument(parser)
     parser.add_argument("--crop-ratio", type=ratio, default=None, help="eval crop (default: the first checkpoint's, "
                                                                        "else 0.875)")
     parser.add_argument("--image-size", type=positive_int, default=None, help="default: the first checkpoint's")

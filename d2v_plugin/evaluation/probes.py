@@ -61,10 +61,11 @@ class CachedFeatures:
     depth: int = 0
     temporary: str | None = None
     data_cfg: object = None
+    weights: str = "student"
 
     def describe(self) -> dict:
-        return {"checkpoint": self.checkpoint, "features": self.spec.describe(), "depth": self.depth,
-                "data": self.data_cfg.describe()}
+        return {"checkpoint": self.checkpoint, "weights": self.weights, "features": self.spec.describe(),
+                "depth": self.depth, "data": self.data_cfg.describe()}
 
     def close(self, runtime: Runtime) -> None:
         if self.temporary and runtime.is_main:
@@ -75,7 +76,7 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
                     sweep: bool = False, prefix: str | None = None, trust: bool = False, num_heads=None, norm_eps=None,
                     image_size=None, crop_ratio=None, data_format: str = "auto", index_cache=None, store=None,
                     batch_size: int = 64, workers=None, names=None, chunk: int = 256, data_cfg=None,
-                    interpolation=None) -> CachedFeatures:
+                    interpolation=None, weights: str = "student") -> CachedFeatures:
     """The features of ``splits`` (the first one's classes are the label ids) of a checkpoint's encoder,
     from the store (``store``: its folder; ``"none"``: a temporary one, removed by ``close``). ``data_cfg``:
     the pixels to feed it (a comparison's, the same for every model), else the file's own evaluation
@@ -86,7 +87,8 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
     if data_cfg is not None:
         image_size = data_cfg.image_size
     encoder, own, ckpt = load_encoder(checkpoint, trust=trust, prefix=prefix, num_heads=num_heads, norm_eps=norm_eps,
-                                      image_size=image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+                                      image_size=image_size, crop_ratio=crop_ratio, interpolation=interpolation,
+                                      weights=weights)
     if data_cfg is not None and data_cfg != own:
         logger.warning(f"{checkpoint}: fed the comparison's pixels ({data_cfg.describe()}), not its own "
                        f"evaluation setting ({own.describe()})")
@@ -101,7 +103,10 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
         store = temporary = tempfile.mkdtemp(prefix="d2v_features_")
     store = store or default_store_dir()
     choice = {"prefix": prefix, "num_heads": encoder.cfg.num_heads, "norm_eps": encoder.cfg.norm_eps}
-    result = CachedFeatures(checkpoint, spec, [], depth=depth, temporary=temporary, data_cfg=data_cfg)
+    if weights != "student":  # (the student's stores keep the key they had)
+        choice["weights"] = weights
+    result = CachedFeatures(checkpoint, spec, [], depth=depth, temporary=temporary, data_cfg=data_cfg,
+                            weights=weights)
     for k, split in enumerate(splits):
         index = open_split(data, split, classes=result.classes or None, cache_dir=index_cache,
                            data_format=data_format, names=names or COMMAND_FLAGS)
@@ -123,7 +128,8 @@ def features_from_args(args, runtime: Runtime, checkpoint: str, sweep: bool = Fa
                            norm_eps=getattr(args, "norm_eps", None), image_size=args.image_size,
                            crop_ratio=args.crop_ratio, interpolation=args.interpolation, data_format=args.data_format,
                            index_cache=args.cache_dir, store=args.cache, batch_size=args.batch_size,
-                           workers=args.workers, chunk=args.store_chunk, data_cfg=data_cfg)
+                           workers=args.workers, chunk=args.store_chunk, data_cfg=data_cfg,
+                           weights=getattr(args, "weights", "student"))
 
 
 def check_splits(args, probes=("knn",)) -> None:

@@ -384,24 +384,44 @@ class Data2VecFineTuned(Reader):
 
 class Data2VecPretrained(Reader):
     """A fairseq data2vec 2.0 checkpoint (``data2vec_multi``, pretrained): ``cfg`` + ``model`` (or any
-    file holding its weights under ``model``)."""
+    file holding its weights under ``model``). Its teacher is there too: ``model["_ema"]``, the EMA module's
+    fp32 copy of the model without its decoder (data2vec's ``state_dict``; the image configs'
+    ``ema_encoder_only: false``), read with ``weights="ema"``. Without ``ema_local_encoder`` the copy has no
+    patch embedding: the teacher reads the student's (``forward``: ``extractor_out["local_features"]``), so
+    the EMA encoder is the student's patch embedding under the EMA's tokens, positions and blocks."""
 
     name = "data2vec pretraining"
 
     def detect(self, obj) -> bool:
         return isinstance(obj, dict) and isinstance(obj.get("model"), dict)
 
-    def read(self, obj, path, prefix, given):
+    def read(self, obj, path, prefix, given, weights: str = "student"):
         d2v_cfg = _dict(_dict(obj.get("cfg")).get("model"))
         name = d2v_cfg.get("_name")
         if name not in (None, DATA2VEC_PRETRAINING_MODEL):
             logger.info(f"{path}: a fairseq checkpoint of model {shown(name)!r}: its Data2Vec2 image encoder is read")
         tensors = _tensors(obj["model"], path)
+        if weights == "ema":
+            tensors = _ema_tensors(obj["model"], tensors, path)
         arch, encoder, rest = _encoder(tensors, {}, path, prefix, given, d2v_cfg)
         head = _head(rest, path)
         layout = self.name if name == DATA2VEC_PRETRAINING_MODEL else "fairseq checkpoint"
         return Checkpoint(path, layout, encoder, arch, head, {"pooling": "mean"} if head else {},
                           step=_fairseq_step(obj), epoch=_fairseq_epoch(obj))
+
+
+def _ema_tensors(model: dict, student: dict, path: str) -> dict:
+    """The EMA teacher's encoder weights of a data2vec pretraining checkpoint, in data2vec's names: its
+    ``_ema`` copy, with the student's patch embedding where the copy has none (ema_local_encoder false)."""
+    ema = model.get("_ema")
+    if not isinstance(ema, dict) or not any(isinstance(v, torch.Tensor) for v in ema.values()):
+        raise CheckpointError(f"{path} holds no EMA teacher weights (no '_ema' in its model): it has one encoder, "
+                              f"give --weights student (model.pretrained_weights=student)")
+    tensors = _tensors(ema, path)
+    local = D2V + "local_encoder."
+    if not any(k.startswith(local) for k in tensors):
+        tensors.update({k: v for k, v in student.items() if k.startswith(local)})
+    return tensors
 
 
 class Lightning(Reader):
@@ -476,12 +496,18 @@ class ExportFolder:
                           list(classes) if isinstance(classes, list) else None, _number(meta.get("step")))
 
 
+WEIGHTS = ("student", "ema")
+
+
 def read_checkpoint(path: str, trust: bool = False, prefix: str | None = None, given: dict | None = None,
-                    mmap: bool = False) -> Checkpoint:
+                    mmap: bool = False, weights: str = "student") -> Checkpoint:
     """Any checkpoint layout users have, read safely and detected once (``READERS``); an export folder
     too. ``given``: the architecture values the user set (``num_heads``, ``norm_eps``), used where the
-    file does not record them. Non-finite weights are named in a warning."""
+    file does not record them. ``weights``: ``student`` (the model trained), or ``ema`` (a data2vec
+    pretraining checkpoint's EMA teacher). Non-finite weights are named in a warning."""
     path = os.fspath(path)
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"--weights {weights!r} (model.pretrained_weights): use student or ema")
     if os.path.isdir(path):
         ckpt = ExportFolder().read(path, prefix, given)
     else:
@@ -489,7 +515,13 @@ def read_checkpoint(path: str, trust: bool = False, prefix: str | None = None, g
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
         reader = next(r for r in READERS if r.detect(obj))
-        ckpt = reader.read(obj, path, prefix, given)
+        if weights == "ema" and not isinstance(reader, Data2VecPretrained):
+            raise CheckpointError(f"{path} holds no EMA teacher weights (a {reader.name} checkpoint: only data2vec "
+                                  f"2.0's pretraining checkpoints carry '_ema'): give --weights student")
+        ckpt = reader.read(obj, path, prefix, given, weights) if weights == "ema" else reader.read(obj, path, prefix,
+                                                                                                   given)
+        if weights == "ema":
+            ckpt = replace(ckpt, layout=f"{ckpt.layout} (EMA teacher)")
     bad = non_finite({**ckpt.encoder, **(ckpt.head or {})})
     if bad:
         logger.warning(f"{path}: {len(bad)} tensors hold NaN or inf values: {_names(bad, 8)}; its outputs will "
@@ -537,10 +569,10 @@ def encoder_part(ckpt: Checkpoint, depth: int | None = None, image_size: int | N
 
 def read_encoder_checkpoint(path: str, depth: int | None = None, trust: bool = False, prefix: str | None = None,
                             given: dict | None = None, image_size: int | None = None,
-                            depth_setting: str = "model.depth") -> tuple[EncoderConfig, dict]:
+                            depth_setting: str = "model.depth", weights: str = "student") -> tuple[EncoderConfig, dict]:
     """(architecture, encoder state dict in this plugin's key names) of a checkpoint in any layout."""
-    return encoder_part(read_checkpoint(path, trust=trust, prefix=prefix, given=given), depth, image_size,
-                        depth_setting)
+    return encoder_part(read_checkpoint(path, trust=trust, prefix=prefix, given=given, weights=weights), depth,
+                        image_size, depth_setting)
 
 
 # --- loading into a module ------------------------------------------------------------------------

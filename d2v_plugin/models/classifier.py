@@ -41,6 +41,11 @@ class Data2Vec2ClassifierConfig(FairseqDataclass):
     checkpoint_prefix: Optional[str] = field(
         default=None, metadata={"help": "key prefix of the encoder inside the checkpoint; null = find it"}
     )
+    pretrained_weights: str = field(
+        default="student",
+        metadata={"help": "which encoder of pretrained_checkpoint: student (the model trained) or ema (a data2vec "
+                          "2.0 pretraining checkpoint's EMA teacher, its '_ema')"},
+    )
     trust_checkpoint: bool = field(
         default=False,
         metadata={"help": "allow full unpickling of pretrained_checkpoint (runs code from the file: trusted files only)"},
@@ -115,7 +120,7 @@ def build_encoder(cfg, image_size: Optional[int] = None) -> Data2Vec2ImageEncode
         encoder = Data2Vec2ImageEncoder.from_pretrained(
             cfg.pretrained_checkpoint, depth=cfg.depth, image_size=image_size, trust=cfg.trust_checkpoint,
             prefix=cfg.checkpoint_prefix, given={k: explicit[k] for k in GIVEN_WHERE_UNRECORDED if k in explicit},
-            **training)
+            weights=getattr(cfg, "pretrained_weights", "student"), **training)
         wrong = [f"model.{k}={v} but the checkpoint has {getattr(encoder.cfg, k)}"
                  for k, v in explicit.items() if v != getattr(encoder.cfg, k)]
         if wrong:

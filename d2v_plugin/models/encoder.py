@@ -150,14 +150,16 @@ class Data2Vec2ImageEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, depth: int | None = None, image_size: int | None = None,
                         trust: bool = False, prefix: str | None = None, given: dict | None = None,
-                        depth_setting: str = "model.depth", **overrides) -> "Data2Vec2ImageEncoder":
+                        depth_setting: str = "model.depth", weights: str = "student",
+                        **overrides) -> "Data2Vec2ImageEncoder":
         """The encoder of any checkpoint layout users have (models/checkpoints.py), its architecture
         read from the file: ``depth=N`` keeps the first N blocks (how a student is initialised from
         its teacher), ``image_size`` resamples the positions, ``given`` fills what the file does not
-        record (``num_heads``, ``norm_eps``); ``overrides`` set the training-only fields
+        record (``num_heads``, ``norm_eps``), ``weights`` picks a data2vec pretraining checkpoint's student or
+        EMA teacher; ``overrides`` set the training-only fields
         (``drop_path_rate``, ``drop_path_schedule``, ``prenet_depth``). Checked against the file's
         tensors before it is built, loaded strictly, every bad key named."""
-        ckpt = read_checkpoint(path, trust=trust, prefix=prefix, given=given)
+        ckpt = read_checkpoint(path, trust=trust, prefix=prefix, given=given, weights=weights)
         cfg, state = encoder_part(ckpt, depth, image_size, depth_setting)
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         return build_and_load(lambda: cls(cfg), state, path, what="the encoder")
