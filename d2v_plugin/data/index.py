@@ -23,7 +23,8 @@ from d2v_plugin.limits import LIMITS, env_name
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 4  # 4: file names as the file system's bytes; entries left out recorded with their reason
+CACHE_VERSION = 5  # 4: file names as the file system's bytes; entries left out recorded with their reason;
+# 5: a split folder of images without class folders indexed as one class
 # labels of records a container could not give a class for (data/containers.py); the dataset reports them
 NO_LABEL, BAD_LABEL = -1, -2
 LABEL_PROBLEMS = {NO_LABEL: "the record has no label",
@@ -107,11 +108,20 @@ def _is_dir(entry: os.DirEntry, left_out: list, rel: str) -> bool:
         return False
 
 
-def _class_dirs(split_dir: str, left_out: list) -> list[os.DirEntry]:
+class _Flat:
+    """A split folder of images without class folders (unlabelled images, for the label-free measures): one
+    class, the folder itself."""
+
+    name = UNLABELLED = "."
+
+
+def _class_dirs(split_dir: str, left_out: list) -> list:
     if not os.path.isdir(split_dir):
         raise DataError(f"split folder not found: {split_dir} (expected <task.data>/<split>/<class>/<image>)")
     dirs = sorted((e for e in os.scandir(split_dir) if _is_dir(e, left_out, ".")), key=lambda e: os.fsencode(e.name))
     if not dirs:
+        if any(_entry_kind(e)[0] == "image" for e in os.scandir(split_dir)):
+            return [_Flat()]  # images without class folders: one class (probe --probes rankme,alphareq needs none)
         raise DataError(f"no class folders in {split_dir} (expected <task.data>/<split>/<class>/<image>)")
     return dirs
 

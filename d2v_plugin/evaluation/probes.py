@@ -119,10 +119,12 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
     return result
 
 
-def features_from_args(args, runtime: Runtime, checkpoint: str, sweep: bool = False, data_cfg=None) -> CachedFeatures:
+def features_from_args(args, runtime: Runtime, checkpoint: str, sweep: bool = False, data_cfg=None,
+                       splits=None) -> CachedFeatures:
     """The train and val features a probe command's flags ask for (cli.knn, cli.probe, cli.track), of one of
-    its checkpoints; ``data_cfg``: the comparison's pixels (the first model's, or the flags')."""
-    return cached_features(checkpoint, args.data, [args.train_split, args.val_split], runtime,
+    its checkpoints (``splits``: only these); ``data_cfg``: the comparison's pixels (the first model's, or the
+    flags')."""
+    return cached_features(checkpoint, args.data, splits or [args.train_split, args.val_split], runtime,
                            block=args.block, pool=args.pool, sweep=sweep, prefix=args.prefix,
                            trust=getattr(args, "trust_checkpoint", False), num_heads=getattr(args, "num_heads", None),
                            norm_eps=getattr(args, "norm_eps", None), image_size=args.image_size,
@@ -141,6 +143,9 @@ def check_splits(args, probes=("knn",)) -> None:
     from d2v_plugin.evaluation.linear import held_out_split
 
     opened = {"data_format": args.data_format, "cache_dir": args.cache_dir, "names": COMMAND_FLAGS}
+    if not needs_train(probes):  # label-free measures: the val split alone, labelled or not
+        open_split(args.data, args.val_split, **opened)
+        return
     train = open_split(args.data, args.train_split, **opened)
     open_split(args.data, args.val_split, classes=list(train.classes), **opened)
     if "linear" in probes and getattr(args, "select_on", "held-out") == "held-out":
@@ -157,8 +162,9 @@ def each_model(args, runtime: Runtime, sweep: bool = False, probes=("knn",)):
     before the first model is loaded."""
     check_splits(args, probes)
     data_cfg = None
+    splits = [args.train_split, args.val_split] if needs_train(probes) else [args.val_split]
     for checkpoint in args.checkpoints:
-        feats = features_from_args(args, runtime, checkpoint, sweep=sweep, data_cfg=data_cfg)
+        feats = features_from_args(args, runtime, checkpoint, sweep=sweep, data_cfg=data_cfg, splits=splits)
         data_cfg = feats.data_cfg
         try:
             yield feats
@@ -171,8 +177,8 @@ def described(results, feats: CachedFeatures, runtime: Runtime, train_split: str
     provenance (the checkpoint's SHA-256, the val split's index digest, versions, the command, the date)."""
     from d2v_plugin.evaluation.provenance import provenance
 
-    train = feats.splits[train_split]
-    n_train = int((train.labels >= 0).sum())
+    train = feats.splits.get(train_split)
+    n_train = int((train.labels >= 0).sum()) if train is not None else None
     extract = round(sum(s.cost["extract_s"] for s in feats.splits.values()), 3)
     stores = None if feats.temporary else [s.cost["store"] for s in feats.splits.values()]  # None: removed after
     origin = provenance(runtime, feats.checkpoint, feats.splits[val_split].store.key["index"])
@@ -196,7 +202,12 @@ def knn_from_args(args, runtime: Runtime) -> tuple[list[dict], dict]:
     return out, indexes
 
 
-PROBES = ("knn", "linear", "fewshot")
+PROBES = ("knn", "linear", "fewshot", "rankme", "alphareq")
+LABEL_FREE = ("rankme", "alphareq")  # need no labels and no train split (evaluation/spectrum.py)
+
+
+def needs_train(probes) -> bool:
+    return any(p not in LABEL_FREE for p in probes)
 
 
 def best_blocks(records) -> list[dict]:
@@ -229,13 +240,15 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
     shot count (and block), with the probe's time in it. Every probe runs on every rank: kNN with the train
     rows split over them, the linear probe with the grid's heads split, few-shot with the draws split; rank
     0's results are the ones printed. ``outcomes``: kNN's and the linear probe's results carry their per-image
-    rows (``_outcomes``: evaluation/outcomes.py's, of the val split)."""
+    rows (``_outcomes``: evaluation/outcomes.py's, of the val split). The label-free measures (rankme,
+    alphareq) run on the val split alone."""
     import torch
 
     from d2v_plugin.evaluation import fewshot, knn
     from d2v_plugin.evaluation.linear import LinearSettings, linear_probe
+    from d2v_plugin.evaluation.spectrum import label_free_probe
 
-    train, val = feats.splits[train_split], feats.splits[val_split]
+    train, val = feats.splits.get(train_split), feats.splits[val_split]
     classes = len(feats.classes)
     blocks = feats.spec.blocks if sweep else [None]
     for block in blocks:
@@ -244,7 +257,11 @@ def run_probes(feats: CachedFeatures, probes, runtime: Runtime, *, train_split: 
         if block is not None:  # the block's own entries, not the whole sweep's
             where = {"block": block, "features": "+".join(f"{t}@{b}" for b, t in (feats.spec.entries[i]
                                                                                  for i in positions))}
-        train_view, val_view = train.view(positions), val.view(positions)
+        train_view, val_view = train.view(positions) if train is not None else None, val.view(positions)
+        free = [p for p in probes if p in LABEL_FREE]
+        if free:  # on the val split's images, no labels read
+            for r in label_free_probe(val_view, val.labels, free):
+                yield {**r, **where}
         if "knn" in probes:
             queries = torch.from_numpy(np.ascontiguousarray(val_view[:]))
             for r in knn.knn_probe(train_view, train.labels, queries, val.labels, classes, ks, temperature, runtime,
