@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, VENV_BIN, exception_line, json_records, run, train_cmd
 
 COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack", "probe", "track",
-            "recipe"]
+            "recipe", "similarity"]
 THIRD_PARTY_NOISE = ("FutureWarning", "UserWarning", "DeprecationWarning", "DEBUG:", "warnings.warn(")
 
 

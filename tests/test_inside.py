@@ -51,3 +51,62 @@ def test_the_label_free_probes_run_on_a_folder_of_unlabelled_images(tmp_path, ca
     assert [r["probe"] for r in lines] == ["rankme", "alphareq"] and all(r["n"] == 40 for r in lines)
     assert 1.0 <= lines[0]["value"] <= 32 and lines[0]["max_possible"] == 32
     assert lines[1]["value"] is not None and lines[1]["fit_last"] == 22  # 32 dims: the range ends 10 before the last
+
+
+def minibatch_cka(x, y, batch=256):
+    from d2v_plugin.evaluation.runtime import Runtime
+    from d2v_plugin.evaluation.similarity import cka_of_views
+
+    return cka_of_views([x], [y], np.arange(len(x)), Runtime(torch.device("cpu"), "fp32"), batch)[0][0, 0]
+
+
+def full_batch_linear_cka(x, y):
+    """Kornblith et al.'s linear CKA on all the images at once, written out in numpy."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_linear_ckas_known_answers_and_its_minibatch_estimate_against_the_full_batch():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 48)) @ rng.standard_normal((48, 48)) + rng.standard_normal(48) * 3
+    assert minibatch_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    q, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    assert minibatch_cka(x, 3.7 * x @ q) == pytest.approx(1.0, abs=1e-9)  # orthogonal and isotropic scaling
+    skew = np.eye(48) + np.diag(rng.uniform(0, 5, 48))  # invertible, not orthogonal
+    assert minibatch_cka(x, x @ skew) < 0.98
+    y = np.tanh(x @ rng.standard_normal((48, 32)) / 4) + 0.5 * rng.standard_normal((2000, 32))
+    assert abs(minibatch_cka(x, y) - full_batch_linear_cka(x, y)) < 0.02
+    assert 0.05 < full_batch_linear_cka(x, y) < 0.95  # (neither end of the scale)
+
+
+def test_a_student_of_its_teachers_first_4_blocks_matches_them_and_two_ranks_give_one_ranks_matrix(runs, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, VENV_BIN
+
+    out = {}
+    for ranks in (1, 2):
+        cmd = ["-m", "d2v_plugin.cli.similarity", str(runs["student"]), str(runs["init"]), "--data", str(runs["data"]),
+               "--images", "300", "--minibatch", "64", "--workers", "1", "--cache", str(tmp_path / f"f{ranks}"),
+               "--out", str(tmp_path / f"sim{ranks}")]
+        if ranks == 1:
+            result = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=600)
+        else:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            result = subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={port}",
+                                     *cmd], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[ranks] = json.loads((tmp_path / f"sim{ranks}" / "similarity.json").read_text())
+    matrix = np.array(out[1]["matrix"])
+    assert matrix.shape == (4, 6) and out[1]["images"] == 300 and out[1]["b"]["blocks"] == 6
+    assert all(matrix[i, i] >= 0.999 for i in range(4)), matrix  # convert --depth 4 kept the teacher's first 4
+    assert np.abs(matrix - np.array(out[2]["matrix"])).max() < 1e-6
+    from PIL import Image
+
+    with Image.open(tmp_path / "sim1" / "similarity.png") as img:
+        img.verify()

@@ -309,7 +309,7 @@ def test_arguments_are_checked_before_anything_is_loaded(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("name", ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where",
-                                  "pack", "probe", "track", "recipe"])
+                                  "pack", "probe", "track", "recipe", "similarity"])
 def test_every_option_has_help_and_a_shown_default(name, monkeypatch):
     import argparse
     import importlib

@@ -317,3 +317,22 @@ def index_split(root: str, split: str, classes: list[str] | None = None, cache_d
     for path, reason in left_out:  # each named once, with the reason
         logger.warning(f"{split_dir}: left out {shown_path(path)}: {reason}")
     return index
+
+
+class Subset:
+    """Some images of a split (its ``rows``, in index order): what a command measures on part of a split
+    (cli.similarity --images N). It reads, describes and labels them as the split does."""
+
+    def __init__(self, index, rows):
+        self.parent, self.rows = index, np.asarray(rows, dtype=np.int64)
+        self.split_dir, self.classes = index.split_dir, index.classes
+        self.labels = np.asarray(index.labels)[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self, i: int) -> str:
+        return self.parent.describe(int(self.rows[i]))
+
+    def read(self, i: int) -> bytes:
+        return self.parent.read(int(self.rows[i]))

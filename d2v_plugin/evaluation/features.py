@@ -110,6 +110,10 @@ def file_identity(path: str) -> dict:
 
 def index_identity(index) -> str:
     """A digest of a split's index: where it is, its items and their labels."""
+    if hasattr(index, "parent") and hasattr(index, "rows"):  # a Subset: its split's digest and the rows taken
+        h = hashlib.sha1(f"{index_identity(index.parent)}\0subset\0".encode())
+        h.update(np.asarray(index.rows, dtype=np.int64).tobytes())
+        return h.hexdigest()
     h = hashlib.sha1(f"{index.split_dir}\0{len(index)}\0".encode())
     files = getattr(index, "files", None)
     if hasattr(files, "blob"):  # a folder index: its paths as stored

@@ -76,7 +76,7 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
                     sweep: bool = False, prefix: str | None = None, trust: bool = False, num_heads=None, norm_eps=None,
                     image_size=None, crop_ratio=None, data_format: str = "auto", index_cache=None, store=None,
                     batch_size: int = 64, workers=None, names=None, chunk: int = 256, data_cfg=None,
-                    interpolation=None, weights: str = "student") -> CachedFeatures:
+                    interpolation=None, weights: str = "student", index=None) -> CachedFeatures:
     """The features of ``splits`` (the first one's classes are the label ids) of a checkpoint's encoder,
     from the store (``store``: its folder; ``"none"``: a temporary one, removed by ``close``). ``data_cfg``:
     the pixels to feed it (a comparison's, the same for every model), else the file's own evaluation
@@ -107,9 +107,11 @@ def cached_features(checkpoint: str, data: str, splits, runtime: Runtime, *, blo
         choice["weights"] = weights
     result = CachedFeatures(checkpoint, spec, [], depth=depth, temporary=temporary, data_cfg=data_cfg,
                             weights=weights)
+    given = index  # an index already opened (a Subset of a split), for the one split asked
     for k, split in enumerate(splits):
-        index = open_split(data, split, classes=result.classes or None, cache_dir=index_cache,
-                           data_format=data_format, names=names or COMMAND_FLAGS)
+        index = given if given is not None and len(splits) == 1 else open_split(
+            data, split, classes=result.classes or None, cache_dir=index_cache, data_format=data_format,
+            names=names or COMMAND_FLAGS)
         if k == 0:
             result.classes = list(index.classes)
         split_store, cost = split_features(encoder, checkpoint, choice, index, data_cfg, spec, runtime, store,
