@@ -29,7 +29,11 @@ def main(argv=None) -> int:
     parser = make_parser(__doc__, "track")
     parser.add_argument("run_dir", help="the pretraining run's folder")
     add_data_arguments(parser, help="the dataset the probes use, as task.data, with train and val splits")
-    parser.add_argument("--probes", default="knn,linear", help="which probes of cli.probe, comma-separated")
+    parser.add_argument("--probes", default="knn,linear",
+                        help="which probes of cli.probe, comma-separated (rankme, alphareq: label-free, drawn under "
+                             "top-1)")
+    parser.add_argument("--sweep-blocks", action="store_true",
+                        help="every checkpoint probed at every block (one forward pass): blocks_vs_update.png")
     parser.add_argument("--k", type=positive_int, nargs="+", default=[20], help="kNN: neighbours")
     parser.add_argument("--temperature", type=positive_float, default=0.07, help="kNN: votes weigh exp(sim / T)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="linear: epochs over the cached features")
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
               flush=True)
     load_heavy()
     from d2v_plugin.evaluation.linear import LinearSettings
-    from d2v_plugin.evaluation.probes import described, features_from_args, parse_probes, run_probes
+    from d2v_plugin.evaluation.probes import described, features_from_args, needs_train, parse_probes, run_probes
     from d2v_plugin.evaluation.runtime import start
     from d2v_plugin.evaluation.tracking import Tracker
 
@@ -79,12 +83,14 @@ def main(argv=None) -> int:
         pixels = {}  # the first checkpoint's data config, fed to every other (one comparison)
 
         def probe(path, store):
-            feats = features_from_args(argparse_copy(args, cache=store), runtime, path, data_cfg=pixels.get("cfg"))
+            splits = [args.train_split, args.val_split] if needs_train(probes) else [args.val_split]
+            feats = features_from_args(argparse_copy(args, cache=store), runtime, path, data_cfg=pixels.get("cfg"),
+                                       sweep=args.sweep_blocks, splits=splits)
             pixels.setdefault("cfg", feats.data_cfg)
             try:
                 results = run_probes(feats, probes, runtime, train_split=args.train_split, val_split=args.val_split,
-                                     ks=args.k, temperature=args.temperature, linear=linear)
-                return list(described(results, feats, runtime, args.train_split))
+                                     ks=args.k, temperature=args.temperature, linear=linear, sweep=args.sweep_blocks)
+                return list(described(results, feats, runtime, args.train_split, args.val_split))
             finally:
                 feats.close(runtime)
 

@@ -159,6 +159,8 @@ def result_problem(record: dict) -> str | None:
     """Why a line of a results file is not a result compare can show (None when it is one)."""
     if "summary" in record:
         return "a sweep's summary line"
+    if record.get("probe") in ("rankme", "alphareq"):
+        return "a label-free measure"
     probe = record.get("probe") or ("evaluate" if record.get("command") == "evaluate" else None)
     if probe not in KINDS:
         return "neither an evaluation nor a probe's result"
@@ -187,7 +189,7 @@ def read_results(folder: str, skipped: list) -> list[dict]:
         except Unreadable as err:
             skipped.append(str(err))
             continue
-        skipped += [p for p in problems if not p.endswith("a sweep's summary line")]
+        skipped += [p for p in problems if not p.endswith(("a sweep's summary line", "a label-free measure"))]
         for record in records:
             out.append({**record, "source": os.path.basename(path)})
     return out

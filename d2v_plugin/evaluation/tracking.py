@@ -26,7 +26,7 @@ from d2v_plugin.models.safe_load import shown
 
 logger = logging.getLogger(__name__)
 
-TRACK_FILE, PLOT_FILE = "track.jsonl", "top1_vs_update.png"
+TRACK_FILE, PLOT_FILE, BLOCKS_PLOT_FILE = "track.jsonl", "top1_vs_update.png", "blocks_vs_update.png"
 MOVING_NAMES = ("checkpoint_last.pt", "checkpoint_best.pt", "last.ckpt")  # files rewritten as a run goes on
 PATTERNS = ("*.pt", "*.ckpt", "**/*.ckpt")
 
@@ -111,20 +111,87 @@ def read_track(run_dir: str) -> list[dict]:
     return Track(run_dir).records
 
 
+def _label(r: dict) -> str:
+    return r["probe"] + (f" k={r['k']}" if r.get("k") else f" {r['shots']}-shot" if r.get("shots") else "")
+
+
 def plot_track(run_dir: str, lines: list[dict]) -> str:
-    series = {}
+    """top1_vs_update.png (each probe's top-1 with its interval as a band; the label-free measures, when
+    tracked, in a second panel under it) and, for a sweep over the blocks, blocks_vs_update.png."""
+    series, free = {}, {}
     for r in lines:
-        if r.get("update") is None or r.get("top1") is None or r.get("block") is not None:
+        if r.get("update") is None or r.get("block") is not None:
             continue
-        label = r["probe"] + (f" k={r['k']}" if r.get("k") else f" {r['shots']}-shot" if r.get("shots") else "")
+        if r.get("probe") in ("rankme", "alphareq") and isinstance(r.get("value"), float):
+            free.setdefault(r["probe"], []).append((r["update"], r["value"]))
+            continue
+        if r.get("top1") is None:
+            continue
         band = r.get("top1_interval") if isinstance(r.get("top1_interval"), dict) else {}
         lo, hi = band.get("low"), band.get("high")
-        series.setdefault(label, []).append((r["update"], 100 * r["top1"], (100 * lo, 100 * hi)
-                                             if isinstance(lo, float) and isinstance(hi, float) else None))
-    return plot_top1_vs_update(os.path.join(run_dir, PLOT_FILE), series)
+        series.setdefault(_label(r), []).append((r["update"], 100 * r["top1"], (100 * lo, 100 * hi)
+                                                 if isinstance(lo, float) and isinstance(hi, float) else None))
+    path = plot_top1_vs_update(os.path.join(run_dir, PLOT_FILE), series, label_free=free)
+    if any(r.get("block") is not None for r in lines):
+        plot_blocks(os.path.join(run_dir, BLOCKS_PLOT_FILE), lines)
+    return path
 
 
-def plot_top1_vs_update(path: str, series: dict, legend_size=None) -> str:
+def best_blocks(lines: list[dict]) -> dict:
+    """probe label -> {update: (best block, its top-1)} of a sweep's lines (ties to the earlier block)."""
+    out = {}
+    for r in lines:
+        if r.get("block") is None or r.get("top1") is None or r.get("update") is None:
+            continue
+        at = out.setdefault(_label(r), {})
+        if r["update"] not in at or r["top1"] > at[r["update"]][1]:
+            at[r["update"]] = (r["block"], r["top1"])
+    return out
+
+
+def plot_blocks(path: str, lines: list[dict]) -> str:
+    """A sweep over the blocks: for each probe, a heatmap of top-1 (%) by update (rows) and block (columns)
+    with each update's best block ringed, and beside it the best block against the update."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    best = best_blocks(lines)
+    probes = sorted(best)
+    fig, axes = plt.subplots(len(probes), 2, figsize=(9.6, 3.2 * len(probes)), dpi=100, squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    for row, label in zip(axes, probes):
+        mine = [r for r in lines if r.get("block") is not None and r.get("top1") is not None and _label(r) == label]
+        updates = sorted({r["update"] for r in mine})
+        blocks = sorted({r["block"] for r in mine})
+        grid = np.full((len(updates), len(blocks)), np.nan)
+        for r in mine:
+            grid[updates.index(r["update"]), blocks.index(r["block"])] = 100 * r["top1"]
+        image = row[0].imshow(grid, aspect="auto", cmap="viridis", origin="upper")
+        row[0].set_xticks(range(len(blocks)), [str(b) for b in blocks])
+        row[0].set_yticks(range(len(updates)), [f"{u:,}" for u in updates])
+        row[0].set_xlabel("block")
+        row[0].set_ylabel("update")
+        row[0].set_title(f"{label}: top-1 (%)")
+        for u, update in enumerate(updates):
+            b = best[label][update][0]
+            row[0].scatter([blocks.index(b)], [u], s=60, facecolors="none", edgecolors="red")
+        fig.colorbar(image, ax=row[0])
+        row[1].plot(updates, [best[label][u][0] for u in updates], marker="o", markersize=3)
+        row[1].set_xlabel("update")
+        row[1].set_ylabel("best block")
+        row[1].set_yticks(blocks)
+        row[1].grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_top1_vs_update(path: str, series: dict, legend_size=None, label_free: dict | None = None) -> str:
     """A PNG of val top-1 (%) against the pretraining update: one line per ``series`` entry (label ->
     [(update, top-1 %)] or [(update, top-1 %, (low %, high %))], the interval drawn as a band), written
     atomically."""
@@ -133,7 +200,18 @@ def plot_top1_vs_update(path: str, series: dict, legend_size=None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if label_free:  # a second panel under top-1: the label-free measures against the same updates
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(6.4, 6.4), dpi=100, sharex=True,
+                                        gridspec_kw={"height_ratios": [3, 2]})
+        for name, points in sorted(label_free.items()):
+            xs, ys = zip(*sorted(points))
+            below.plot(xs, ys, marker="s", markersize=3, label={"rankme": "RankMe", "alphareq": "alpha-ReQ"}[name])
+        below.set_xlabel("pretraining update")
+        below.set_ylabel("label-free")
+        below.grid(alpha=0.3)
+        below.legend(fontsize=legend_size)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for label, points in sorted(series.items()):
         points = sorted(p if len(p) == 3 else (*p, None) for p in points)
         xs, ys, bands = zip(*points)
