@@ -89,7 +89,7 @@ def test_the_evaluation_section_measures_ours_the_plain_loop_the_search_and_the_
 def test_the_scale_section_measures_the_linear_probe_from_a_store_in_a_process_of_its_own(benchmarks, tmp_path):
     import benchmarks.scale as scale
 
-    result = {"scale": scale.run(str(tmp_path), n=3000, dim=16, steps=2, hash_mb=2)}
+    result = {"scale": scale.run(str(tmp_path), n=3000, dim=16, steps=2, hash_mb=2, inside_images=300)}
     assert result["scale"]["hash"]["first_s"] > 0 and result["scale"]["hash"]["rerun_s"] > 0
     linear = result["scale"]["linear"]
     assert linear["step_s"] > 0 and linear["schedule_steps"] == 12_500 and linear["held_out_rows"] > 0
@@ -97,3 +97,4 @@ def test_the_scale_section_measures_the_linear_probe_from_a_store_in_a_process_o
     lines = scale.report(result)
     assert lines[0].startswith("## The linear probe at ImageNet's size") and any("12,500 steps" in x for x in lines)
     assert any(x.startswith("### The checkpoint's hash") for x in lines)
+    assert result["scale"]["inside"]["cka_s"] > 0 and any(x.startswith("### Looking inside") for x in lines)

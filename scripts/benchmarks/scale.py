@@ -73,12 +73,38 @@ def hash_timing(work: str, megabytes: int = 330) -> dict:
     return {"megabytes": megabytes, "first_s": first["seconds"], "rerun_s": rerun["seconds"]}
 
 
-def run(work: str | None = None, n: int = IMAGENET_TRAIN, dim: int = 768, steps: int = 10, hash_mb: int = 330) -> dict:
+def inside_costs(images: int = 10_000, dim: int = 768, blocks: int = 12) -> dict:
+    """Seconds of RankMe and alpha-ReQ on one block's cached features, and of a blocks x blocks linear CKA
+    (minibatches of 256), over ``images`` cached images (random features: the cost, not the values)."""
+    import torch
+
+    from d2v_plugin.evaluation import spectrum
+    from d2v_plugin.evaluation.runtime import Runtime
+    from d2v_plugin.evaluation.similarity import cka_of_views
+
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((images, dim), dtype=np.float32).astype(np.float16) for _ in range(blocks)]
+    out = {"images": images, "dim": dim, "blocks": blocks}
+    start = time.perf_counter()
+    spectrum.rankme(np.asarray(feats[-1], dtype=np.float64))
+    out["rankme_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    spectrum.alpha_req(np.asarray(feats[-1], dtype=np.float64))
+    out["alphareq_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    cka_of_views(feats, feats, np.arange(images), Runtime(torch.device("cpu"), "fp32"))
+    out["cka_s"] = time.perf_counter() - start
+    return out
+
+
+def run(work: str | None = None, n: int = IMAGENET_TRAIN, dim: int = 768, steps: int = 10, hash_mb: int = 330,
+        inside_images: int = 10_000) -> dict:
     import tempfile
 
     work = work or tempfile.mkdtemp(prefix="bench_scale_")
     synthetic_store(work, n, dim)
-    return {"linear": run_worker("linear_scale", work, n, dim, steps, "cpu"), "hash": hash_timing(work, hash_mb)}
+    return {"linear": run_worker("linear_scale", work, n, dim, steps, "cpu"), "hash": hash_timing(work, hash_mb),
+            "inside": inside_costs(inside_images, dim)}
 
 
 def report(results: dict) -> list:
@@ -103,7 +129,19 @@ def report(results: dict) -> list:
             f"| scoring {s['val_rows']:,} val rows (every head) | {s['val_s']:.0f} |", "",
             f"In all about {hours:.1f} hours on this 2-core CPU: a GPU's job (one H100-class GPU does the "
             "schedule's ~1.5 PFLOP in minutes); on several ranks each trains its share of the heads.", ""] + (
-            hash_report(results["scale"]["hash"]) if "hash" in results["scale"] else [])
+            hash_report(results["scale"]["hash"]) if "hash" in results["scale"] else []) + (
+            inside_report(results["scale"]["inside"], results) if "inside" in results["scale"] else [])
+
+
+def inside_report(c: dict, results: dict) -> list:
+    extraction = ((results.get("evaluation") or {}).get("evaluate") or {}).get("results", {}).get("feature extraction")
+    reuse = (f" The extraction they reuse runs at {extraction['median']:.1f} images/s here (the evaluation section: a "
+             f"4-block base-width encoder at 224 px), {c['images'] / extraction['median']:.0f} s for these images."
+             if extraction else "")
+    return ["### Looking inside a student", "",
+            f"Over {c['images']:,} cached images of {c['dim']} dims (the store's fp16 rows), on this CPU: RankMe of one "
+            f"block {c['rankme_s']:.2f} s, alpha-ReQ {c['alphareq_s']:.2f} s, and a {c['blocks']} x {c['blocks']} "
+            f"linear CKA (minibatches of 256, every pair of blocks) {c['cka_s']:.1f} s." + reuse, ""]
 
 
 def hash_report(h: dict) -> list:
