@@ -33,6 +33,8 @@ import threading
 
 from fairseq.data.iterators import EpochBatchIterator
 
+from d2v_plugin.host import available_cores
+
 logger = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # os.EX_TEMPFAIL, "temporary failure, try again": stopped on a signal, to be resumed
@@ -225,8 +227,6 @@ def cores_per_local_rank(distributed_training, environ=os.environ) -> int:
     """The cores one rank of this node has: a process bound to some of the node's cores (srun's
     --cpu-bind) has those; otherwise the node's cores are shared by the ranks started on it
     (torchrun's LOCAL_WORLD_SIZE, srun's tasks per node, else the processes fairseq spawns)."""
-    from d2v_plugin.evaluation.runtime import available_cores
-
     cores = available_cores()
     if cores < (os.cpu_count() or cores):
         return cores

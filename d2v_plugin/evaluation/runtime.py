@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from d2v_plugin.host import available_cores
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,13 +47,6 @@ def _slurm_master(environ=os.environ) -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return nodes.split(",")[0]
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
