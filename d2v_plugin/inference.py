@@ -21,7 +21,7 @@ def classifier_from_checkpoint(ckpt: Checkpoint, crop_ratio: float | None = None
     state = ckpt.classifier_state()
     num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else ckpt.model_cfg.get("num_classes")
     check_architecture(ckpt.architecture, ckpt.path, num_classes=num_classes)
-    if ckpt.classes is not None and len(ckpt.classes) != num_classes:
+    if ckpt.classes and len(ckpt.classes) != num_classes:  # (none recorded: the commands name them by index)
         raise CheckpointError(f"{ckpt.path} records {len(ckpt.classes):,} class names but its head has {num_classes:,} "
                               f"outputs: the names cannot be the head's classes")
     cfg = Data2Vec2ClassifierConfig(num_classes=num_classes, **head_config(ckpt.model_cfg, ckpt.path))

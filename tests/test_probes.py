@@ -379,12 +379,13 @@ def test_probes_flags_are_checked_before_any_work_and_a_tiny_temperature_is_the_
     data = tmp_path / "images"
     write_random_images(str(data), classes=3, per_class={"train": 4, "val": 2}, size=24)
     save_data2vec_checkpoint(tiny_encoder(), str(tmp_path / "init.pt"), prenet_depth=0)
-    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_folder.jsonl").mkdir()
     base = [str(tmp_path / "init.pt"), "--data", str(data), "--cache", str(tmp_path / "store"), "--workers", "0"]
     for extra, expected in ((["--probes", "linear", "--held-out", "0.0001"], "--held-out 0.0001: of the 12 train images"),
                             (["--lrs", "1e300"], "argument --lrs: 1e300 is not in (0, 100]"),
                             (["--lambda", "1e300"], "argument --lambda: 1e300 is not in (0, 10000]"),
-                            (["--out", str(tmp_path / "a_folder")], "a_folder is a folder, not a file it can write"),
+                            (["--probes", "knn", "--out", str(tmp_path / "a_folder.jsonl")],
+                             "a_folder.jsonl is a folder, not a file it can write"),
                             (["--val-split", "nope"], "nope")):
         with pytest.raises(SystemExit) as stop:
             probe_cli.main(base + extra)

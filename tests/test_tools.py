@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 def test_convert_depth_4_keeps_the_sources_first_four_blocks(runs):
     src = torch.load(runs["init"], weights_only=True)["model"]
     out = torch.load(runs["student"], weights_only=True)
-    assert set(out) == {"format", "arch", "encoder", "source"}  # weights + architecture, nothing else
+    assert set(out) == {"format", "arch", "encoder", "source", "weights"}  # weights + architecture, nothing else
+    assert out["weights"] == "student"  # (the student of the file: --weights ema takes a pretraining file's teacher)
     enc = out["encoder"]
     assert out["arch"]["depth"] == 4 and not any(k.startswith("blocks.4.") for k in enc)
     pre = "modality_encoders.IMAGE."
@@ -532,8 +533,10 @@ def test_compare_measures_speed_interleaved_so_drift_hits_every_model_alike(monk
             clock.now += 1.0 + 0.05 * len(clock.calls)  # every call slower than the last: 2x by the last one
             return x
 
-    monkeypatch.setattr(compare_cli.time, "perf_counter", lambda: clock.now)
-    speeds = compare_cli.inference_speeds({"a": Identical("a"), "b": Identical("b"), "c": Identical("c")},
+    from d2v_plugin.evaluation import costs
+
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: clock.now)
+    speeds = costs.inference_speeds({"a": Identical("a"), "b": Identical("b"), "c": Identical("c")},
                                           start("cpu"), batch_size=2, rounds=6, batches=1)
     # one warm-up each, then every model once a round, the order rotated
     assert clock.calls[:3] == ["a", "b", "c"]
