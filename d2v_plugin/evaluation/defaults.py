@@ -9,6 +9,8 @@ MIN_STEPS = 12_500  # DINOv2's 10 x 1,250 iterations
 SHOTS = (1, 2, 5, 10)
 SEEDS = (0, 1, 2)
 LAMBDA = 0.00025
+TOL = 1e-3  # MSN stops cyanure at a relative duality gap of 1e-3 (logistic_eval.py: tol=1e-3)
+MAX_ITERATIONS = 300  # and after 300 epochs (max_epochs=300); here L-BFGS iterations over the drawn images
 
 
 def default_store_dir() -> str:
