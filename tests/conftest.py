@@ -64,6 +64,32 @@ def train_cmd(tmp_path, data, save_dir, *overrides, init=None, batch_size=4, max
             "optimizer.groups.no_decay.lr_scheduler.warmup_updates=2", "common.log_interval=1", *overrides]
 
 
+def doc_blocks(page: str) -> list:
+    """The indented code blocks of a Markdown page (a path under the repository): (line number, text dedented)."""
+    lines = open(os.path.join(REPO, page)).read().split("\n")
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("    ") and (i == 0 or lines[i - 1].strip() == ""):
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            j, block = i, []
+            while j < len(lines) and (lines[j].startswith(" " * indent) or (
+                    lines[j] == "" and j + 1 < len(lines) and lines[j + 1].startswith(" " * indent))):
+                block.append(lines[j][indent:])
+                j += 1
+            blocks.append((i + 1, "\n".join(block)))
+            i = j
+        else:
+            i += 1
+    return blocks
+
+
+def doc_block_after(page: str, marker: str) -> str:
+    """The first indented code block after ``marker`` in ``page``."""
+    text = open(os.path.join(REPO, page)).read()
+    at = text[:text.index(marker)].count("\n") + 1
+    return next(text for line, text in doc_blocks(page) if line > at)
+
+
 def run(cmd, env=None, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kw)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, VENV_BIN, exception_line, json_records, run, train_cmd
+from conftest import REPO, VENV_BIN, doc_block_after, exception_line, json_records, run, train_cmd
 
 COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack", "probe", "track",
             "recipe", "similarity"]
@@ -30,7 +30,7 @@ def test_help_answers_without_importing_torch_or_fairseq(command):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 2-epoch demo run on tiny data, started from another working directory with the paths
-    `python -m d2v_plugin.cli.where` prints, as the README shows."""
+    `python -m d2v_plugin.cli.where` prints, as docs/running.md shows."""
     from d2v_plugin.demo_data import write_random_images
 
     tmp = tmp_path_factory.mktemp("first_hour")
@@ -155,21 +155,13 @@ def test_a_typo_in_an_override_names_the_key_and_the_nearest_one(finished_run):
                                             "unknown key model.dept; did you mean model.depth?")
 
 
-def readme_block_after(marker: str) -> str:
-    """The first indented command block after ``marker`` in the README, as one shell command."""
-    text = open(os.path.join(REPO, "README.md")).read()
-    lines = text[text.index(marker):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
-    block = []
-    for line in lines[start:]:
-        if not line.startswith("    "):
-            break
-        block.append(line[4:])
-    return "\n".join(block)
+# the docs' command blocks these tests run as written (tests/test_docs.py leaves them to this module)
+RUN_HERE = {"docs/running.md": ["**Without a recipe**"],
+            "docs/probes.md": ["**Checkpoints to track.**", "**Is the difference real?**"]}
 
 
 def test_the_readme_command_without_a_recipe_runs_on_the_demo_digits(runs, tmp_path):
-    command = readme_block_after("**Without a recipe**")
+    command = doc_block_after("docs/running.md", "**Without a recipe**")
     assert "fairseq-hydra-train" in command and "/data/imagenet" in command
     command = (command.replace("/data/imagenet", str(runs["data"])).replace("/ckpt/base_imagenet.pt", str(runs["init"]))
                + f" +model.num_classes=10 +task.image_size=16 optimization.max_update=8 dataset.batch_size=64"
@@ -234,18 +226,18 @@ def test_a_run_from_the_repositorys_parent_folder_with_the_relative_user_dir_wor
 
 def test_the_readmes_demo_figures_say_what_they_were_measured_on_and_how_bf16_fares_on_a_cpu():
     """The demo's pace (10 updates/s) was an idle machine's, unsaid: at a load of 3.5 a user saw 1 update/s; and
-    the README promised 2.5x from bf16 on a CPU, which a user did not see."""
-    text = open(os.path.join(REPO, "README.md")).read()
-    demo = text[text.index("### What the demo prints"):text.index("## Installing by hand")]
+    the docs promised 2.5x from bf16 on a CPU, which a user did not see."""
+    demo = open(os.path.join(REPO, "docs", "demo.md")).read()
     assert "idle machine" in demo and "OMP_NUM_THREADS" in demo and "dataset.num_workers=1" in demo
-    assert "2.5x faster" not in text and "Where loading dominates" in text
+    evaluation = open(os.path.join(REPO, "docs", "evaluation.md")).read()
+    assert "2.5x faster" not in evaluation and "Where loading dominates" in evaluation
 
 
 @pytest.fixture(scope="module")
 def tracked(runs, tmp_path_factory):
-    """The README's "Checkpoints to track" block, run on the session's digits (checkpoints every 4 updates, not
+    """docs/probes.md's "Checkpoints to track" block, run on the session's digits (checkpoints every 4 updates, not
     50): demo_work/ with the run, its track and its data."""
-    command = readme_block_after("**Checkpoints to track.**")
+    command = doc_block_after("docs/probes.md", "**Checkpoints to track.**")
     assert "checkpoint.keep_interval_updates=-1" in command
     demo = tmp_path_factory.mktemp("tracked") / "demo_work"
     demo.mkdir()
@@ -259,7 +251,7 @@ def tracked(runs, tmp_path_factory):
 
 
 def run_readme(command: str, demo, *changes):
-    """A README block run from the repository root on ``demo`` (its demo_work/), checkpoints every 4 updates."""
+    """A docs block run from the repository root on ``demo`` (its demo_work/), checkpoints every 4 updates."""
     command = command.replace("demo_work/", f"{demo}/").replace("save_interval_updates=50", "save_interval_updates=4")
     command = command.replace("max_update=150", "max_update=12").replace("checkpoint_1_50", "checkpoint_1_4")
     for old, new in changes:
@@ -280,7 +272,7 @@ def test_the_readmes_checkpoints_to_track_block_leaves_three_checkpoints_and_the
 def test_the_readmes_is_the_difference_real_block_gives_the_verdict_its_discordant_counts_imply(tracked):
     from d2v_plugin.evaluation.statistics import mcnemar
 
-    result = run_readme(readme_block_after("**Is the difference real?**"), tracked)
+    result = run_readme(doc_block_after("docs/probes.md", "**Is the difference real?**"), tracked)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     pair = json.loads(result.stdout.strip().splitlines()[-1])
     assert pair["a"].startswith("evaluate-val-checkpoint_1_4-") and pair["b"].startswith("evaluate-val-checkpoint_best-")

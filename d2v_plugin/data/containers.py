@@ -7,7 +7,7 @@ then work unchanged, and image i gets the same pixels whatever holds it.
 
 - Parquet: row groups are read on demand from memory-mapped files (the last one read is kept per file);
   a random read costs a whole row group, so ``cli.pack`` writes small ones (Hugging Face's files have
-  large ones: repack them for training speed, README "Data").
+  large ones: repack them for training speed, docs/data.md).
 - Tar shards: an index of every member's offset and size, built once and cached like the folder index
   (keyed on the shards' sizes and modification times); a read is one ``pread``.
 - Files are opened lazily in each process (after the data-loading workers fork).

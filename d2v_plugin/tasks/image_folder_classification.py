@@ -280,7 +280,7 @@ class ImageFolderClassificationTask(FairseqTask):
                 "with it, before they can save. To save on signals, start one process per GPU: srun "
                 "--ntasks-per-node=<GPUs> with distributed_training.distributed_port=<port>, or torchrun "
                 "--nproc_per_node=<GPUs> --no-python fairseq-hydra-train ... (which passes on SIGTERM, not SIGUSR1; "
-                "README: On a cluster)")
+                "docs/cluster.md)")
         self.stop_request.install()
 
     def build_model(self, cfg, from_checkpoint: bool = False):
