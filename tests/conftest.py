@@ -90,6 +90,24 @@ def doc_block_after(page: str, marker: str) -> str:
     return next(text for line, text in doc_blocks(page) if line > at)
 
 
+def one_thread(**extra) -> dict:
+    """The environment for processes run side by side: one torch thread each, so that two on two cores do not
+    contend for them (the runs a test compares bit for bit all get it)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def together(*calls):
+    """Independent calls that each run a process, run at the same time, their results in order. A short run is
+    mostly its start-up (single-threaded imports): two on two cores take little more than one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d2v_plugin.host import available_cores
+
+    with ThreadPoolExecutor(max_workers=max(2, available_cores())) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
+
+
 def run(cmd, env=None, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kw)

@@ -9,42 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, exception_line, json_records, run, train_cmd
+from conftest import REPO, exception_line, json_records, one_thread, run, together, train_cmd
 from d2v_plugin.data import ImageFolderDataset
 
 pytestmark = pytest.mark.slow
 
 
-def train(tmp_path, data, *overrides, init=None):
+def train(tmp_path, data, *overrides, init=None, env=None):
     """Run fairseq-hydra-train on the demo recipe scaled down; returns the completed process."""
     return run(train_cmd(tmp_path, data, tmp_path / "run", "common.log_format=json", *overrides, init=init,
-                         batch_size=8, max_update=6))
-
-
-def evaluate(checkpoint, data, *extra):
-    cmd = [sys.executable, "-m", "d2v_plugin.cli.evaluate", str(checkpoint), "--data", str(data), *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def test_two_epochs_validate_checkpoint_and_evaluate_agrees(tmp_path, image_root):
-    run = train(tmp_path, image_root)
-    assert run.returncode == 0, run.stderr[-3000:]
-    log = run.stdout + run.stderr
-    valid = json_records(log, "val")
-    assert [r["epoch"] for r in valid] == [1, 2]  # a validation pass each epoch
-    assert all(0 <= r["val_accuracy"] <= 100 and 0 <= r["val_top5"] <= 100 for r in valid)
-    run_dir = tmp_path / "run"
-    assert {"checkpoint_best.pt", "checkpoint_last.pt"} <= set(os.listdir(run_dir))
-    best = torch.load(run_dir / "checkpoint_best.pt", weights_only=True)
-    best_acc = max(r["val_accuracy"] for r in valid)
-    assert best["extra_state"]["best"] == pytest.approx(best_acc)  # chosen by accuracy, maximised
-    # the evaluate command reproduces the trainer's validation accuracy for that checkpoint
-    result = evaluate(run_dir / "checkpoint_best.pt", image_root, "--split", "val")
-    assert result.returncode == 0, result.stderr[-2000:]
-    scores = json.loads(result.stdout.strip().splitlines()[-1])
-    assert scores["n"] == 12
-    assert scores["top1"] * 100 == pytest.approx(best["extra_state"]["val_loss"], abs=1e-6)
-    assert best["cfg"]["model"]["num_heads"] == 4  # the architecture read from init.pt was recorded
+                         batch_size=8, max_update=6), env=env)
 
 
 def add_bad_files(folder):
@@ -59,10 +33,88 @@ def add_bad_files(folder):
     (folder / "readme.txt").write_text("not an image")
 
 
-def test_bad_images_are_converted_or_skipped_and_each_reported_once(tmp_path, image_root):
-    add_bad_files(image_root / "train" / "class_1")
-    (image_root / "val" / "class_2" / "text.jpg").write_text("not an image")
-    run = train(tmp_path, image_root, "optimization.max_update=8")  # 2 whole epochs of 4 updates, 2 workers
+DATA_PROBLEMS = [
+    ("empty_split", "val: no image files found"),
+    ("missing_split", "split folder not found"),
+    ("val_class_not_in_train", "class folders not in the train split: extra"),
+    ("class_count", "model.num_classes=5 but"),
+    ("missing_data", "task.data=/no/such/folder does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs_side_by_side(tmp_path_factory):
+    """This module's short runs, each on its own copy of the tiny images, started side by side (two at a time):
+    name -> (its folder, its data, the completed process)."""
+    from test_device_decode import write_jpeg_folders
+
+    from d2v_plugin.demo_data import write_random_images
+
+    cases = {}
+    for name in ["two_epochs", "bad_images", "bad_image_error", "fast_decode", *(c for c, _ in DATA_PROBLEMS)]:
+        tmp = tmp_path_factory.mktemp(name)
+        data = tmp / "images"
+        write_random_images(str(data), classes=3, per_class={"train": 8, "val": 4}, size=24)
+        overrides = []
+        if name == "bad_images":
+            add_bad_files(data / "train" / "class_1")
+            (data / "val" / "class_2" / "text.jpg").write_text("not an image")
+            overrides.append("optimization.max_update=8")  # 2 whole epochs of 4 updates, 2 workers
+        elif name == "bad_image_error":
+            add_bad_files(data / "train" / "class_1")
+            overrides.append("task.on_bad_image=error")
+        elif name == "fast_decode":
+            data = write_jpeg_folders(tmp / "jpegs")  # 40-90 px JPEGs: 1/2-scale decoding applies at 16 px
+            overrides += ["task.fast_decode=true", "task.image_size=16", "model.num_classes=3"]
+        elif name == "empty_split":
+            for d in (data / "val").iterdir():
+                for f in d.iterdir():
+                    f.unlink()
+        elif name == "missing_split":
+            overrides.append("dataset.valid_subset=test")
+        elif name == "val_class_not_in_train":
+            (data / "val" / "extra").mkdir()
+            Image.new("RGB", (8, 8)).save(data / "val" / "extra" / "x.png")
+        elif name == "class_count":
+            overrides.append("model.num_classes=5")
+        elif name == "missing_data":
+            overrides.append("task.data=/no/such/folder")
+        train_cmd(tmp, data, tmp / "run")  # its init checkpoint, written before the runs start
+        cases[name] = (tmp, data, overrides)
+    done = together(*(lambda c=c: train(c[0], c[1], *c[2], env=one_thread()) for c in cases.values()))
+    return {name: (tmp, data, result) for (name, (tmp, data, _)), result in zip(cases.items(), done)}
+
+
+def evaluated(checkpoint, data, capsys, *extra) -> dict:
+    """cli.evaluate's JSON line for ``checkpoint`` on ``data``."""
+    from d2v_plugin.cli import evaluate as evaluate_cli
+
+    capsys.readouterr()
+    assert evaluate_cli.main([str(checkpoint), "--data", str(data), *extra]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_two_epochs_validate_checkpoint_and_evaluate_agrees(runs_side_by_side, capsys):
+    tmp, data, run = runs_side_by_side["two_epochs"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    valid = json_records(log, "val")
+    assert [r["epoch"] for r in valid] == [1, 2]  # a validation pass each epoch
+    assert all(0 <= r["val_accuracy"] <= 100 and 0 <= r["val_top5"] <= 100 for r in valid)
+    run_dir = tmp / "run"
+    assert {"checkpoint_best.pt", "checkpoint_last.pt"} <= set(os.listdir(run_dir))
+    best = torch.load(run_dir / "checkpoint_best.pt", weights_only=True)
+    best_acc = max(r["val_accuracy"] for r in valid)
+    assert best["extra_state"]["best"] == pytest.approx(best_acc)  # chosen by accuracy, maximised
+    # the evaluate command reproduces the trainer's validation accuracy for that checkpoint
+    scores = evaluated(run_dir / "checkpoint_best.pt", data, capsys, "--split", "val")
+    assert scores["n"] == 12
+    assert scores["top1"] * 100 == pytest.approx(best["extra_state"]["val_loss"], abs=1e-6)
+    assert best["cfg"]["model"]["num_heads"] == 4  # the architecture read from init.pt was recorded
+
+
+def test_bad_images_are_converted_or_skipped_and_each_reported_once(runs_side_by_side):
+    _, _, run = runs_side_by_side["bad_images"]
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
     skipped = [line for line in log.splitlines() if "skipping unreadable image" in line]
@@ -80,36 +132,15 @@ def test_bad_images_are_converted_or_skipped_and_each_reported_once(tmp_path, im
     assert {r["val_n"] for r in json_records(log, "val")} == {12}  # 13 val files, the text one left out
 
 
-def test_on_bad_image_error_stops_naming_the_file(tmp_path, image_root):
-    add_bad_files(image_root / "train" / "class_1")
-    run = train(tmp_path, image_root, "task.on_bad_image=error")
+def test_on_bad_image_error_stops_naming_the_file(runs_side_by_side):
+    _, _, run = runs_side_by_side["bad_image_error"]
     assert run.returncode != 0
     assert "unreadable image" in run.stderr and ("corrupt.jpg" in run.stderr or "empty.jpg" in run.stderr)
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("empty_split", "val: no image files found"),
-    ("missing_split", "split folder not found"),
-    ("val_class_not_in_train", "class folders not in the train split: extra"),
-    ("class_count", "model.num_classes=5 but"),
-    ("missing_data", "task.data=/no/such/folder does not exist"),
-])
-def test_data_problems_stop_with_one_clear_error(tmp_path, image_root, case, expected):
-    overrides = []
-    if case == "empty_split":
-        for d in (image_root / "val").iterdir():
-            for f in d.iterdir():
-                f.unlink()
-    elif case == "missing_split":
-        overrides.append("dataset.valid_subset=test")
-    elif case == "val_class_not_in_train":
-        (image_root / "val" / "extra").mkdir()
-        Image.new("RGB", (8, 8)).save(image_root / "val" / "extra" / "x.png")
-    elif case == "class_count":
-        overrides.append("model.num_classes=5")
-    elif case == "missing_data":
-        overrides.append("task.data=/no/such/folder")
-    run = train(tmp_path, image_root, *overrides)
+@pytest.mark.parametrize("case,expected", DATA_PROBLEMS)
+def test_data_problems_stop_with_one_clear_error(runs_side_by_side, case, expected):
+    _, _, run = runs_side_by_side[case]
     assert run.returncode != 0
     line = exception_line(run.stderr)
     assert line.startswith("d2v_plugin.data.index.DataError: ") and expected in line, run.stderr[-2000:]
@@ -117,17 +148,12 @@ def test_data_problems_stop_with_one_clear_error(tmp_path, image_root, case, exp
 
 # --- validation computes what cli.evaluate computes --------------------------------------------
 
-def test_validation_with_fast_decode_equals_evaluate_on_the_best_checkpoint(tmp_path):
-    from test_device_decode import write_jpeg_folders
-
-    root = write_jpeg_folders(tmp_path / "jpegs")  # 40-90 px JPEGs: 1/2-scale decoding applies at 16 px
-    result = train(tmp_path, root, "task.fast_decode=true", "task.image_size=16", "model.num_classes=3")
+def test_validation_with_fast_decode_equals_evaluate_on_the_best_checkpoint(runs_side_by_side, capsys):
+    tmp, root, result = runs_side_by_side["fast_decode"]
     assert result.returncode == 0, result.stderr[-3000:]
     valid = json_records(result.stdout + result.stderr, "val")
-    best = torch.load(tmp_path / "run" / "checkpoint_best.pt", weights_only=True)
-    scores = evaluate(tmp_path / "run" / "checkpoint_best.pt", root)
-    assert scores.returncode == 0, scores.stderr[-2000:]
-    top1 = json.loads(scores.stdout.strip().splitlines()[-1])["top1"]
+    best = torch.load(tmp / "run" / "checkpoint_best.pt", weights_only=True)
+    top1 = evaluated(tmp / "run" / "checkpoint_best.pt", root, capsys)["top1"]
     # fairseq logs accuracies rounded to 3 decimals
     assert round(top1 * 100, 3) == best["extra_state"]["val_loss"] == max(r["val_accuracy"] for r in valid)
 
@@ -182,21 +208,18 @@ def test_resume_needs_only_the_runs_own_checkpoint(run_without_its_pretrained_fi
     assert last["cfg"]["model"]["pretrained_checkpoint"] == str(tmp / "init.pt")  # the run's record is kept
 
 
-def test_evaluate_needs_only_the_runs_checkpoint(run_without_its_pretrained_file):
+def test_evaluate_needs_only_the_runs_checkpoint(run_without_its_pretrained_file, capsys):
     tmp, _ = run_without_its_pretrained_file
-    result = evaluate(tmp / "run" / "checkpoint_best.pt", tmp / "images")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 12
+    assert evaluated(tmp / "run" / "checkpoint_best.pt", tmp / "images", capsys)["n"] == 12
 
 
 def test_export_needs_only_the_runs_checkpoint(run_without_its_pretrained_file):
     from d2v_plugin import load_classifier
 
     tmp, _ = run_without_its_pretrained_file
-    cmd = [sys.executable, "-m", "d2v_plugin.cli.export", str(tmp / "run" / "checkpoint_best.pt"), "--out",
-           str(tmp / "export")]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    from d2v_plugin.cli import export
+
+    assert export.main([str(tmp / "run" / "checkpoint_best.pt"), "--out", str(tmp / "export")]) == 0
     assert load_classifier(tmp / "export").classes == ["class_0", "class_1", "class_2"]
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, Calls, exception_line, max_diff, run, tiny_encoder, train_cmd
+from conftest import REPO, Calls, exception_line, max_diff, one_thread, run, tiny_encoder, together, train_cmd
+from d2v_plugin.demo_data import write_random_images
 from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
 
 pytestmark = pytest.mark.slow
@@ -35,9 +36,9 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(image_root, cache_dir
 
 # --- resume after a crash ----------------------------------------------------------------------
 
-def kill_after_saving(cmd, update):
+def kill_after_saving(cmd, update, env=None):
     """Start a run and SIGKILL it right after it saved the checkpoint of ``update``."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
         if "Saved checkpoint" in line and f"@ {update} updates" in line:
             proc.send_signal(signal.SIGKILL)
@@ -53,12 +54,12 @@ def test_killed_run_resumes_to_the_same_weights_and_accuracy(tmp_path, image_roo
     # (fp16) its loss scaler restored. On the CPU: common.cpu=true, as the demo recipe sets.
     extra = ["checkpoint.save_interval_updates=2", "model.drop_path_rate=0.1", "criterion.mixup_prob=1.0",
              "dataset.num_workers=2", *precision]
-    whole = run(train_cmd(tmp_path, image_root, tmp_path / "whole", *extra))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
     cmd = train_cmd(tmp_path, image_root, tmp_path / "killed", *extra)
-    kill_after_saving(cmd, 8)  # in the middle of epoch 2
-    resumed = run(cmd)
+    env = one_thread()  # the uninterrupted run beside the one killed, each on one thread
+    whole, _ = together(lambda: run(train_cmd(tmp_path, image_root, tmp_path / "whole", *extra), env=env),
+                        lambda: kill_after_saving(cmd, 8, env))  # in the middle of epoch 2
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed = run(cmd, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "Loaded checkpoint" in log and "(epoch 2 @ " in log
@@ -119,7 +120,7 @@ def test_nan_loss_stops_the_run_naming_the_update_and_keeps_weights_clean(tmp_pa
 PLUGIN_ERRORS = ("d2v_plugin.", "ValueError: ", "FileNotFoundError: ")
 
 
-@pytest.mark.parametrize("overrides,expected", [
+WRONG_SETTINGS = [
     (["task.data=???"], "task.data is not set: pass task.data="),
     # (it trained a randomly initialised encoder, without a word: fairseq's merge put the default in its place)
     (["model.pretrained_checkpoint=???"], "model.pretrained_checkpoint is not set: pass model.pretrained_checkpoint="),
@@ -136,9 +137,23 @@ PLUGIN_ERRORS = ("d2v_plugin.", "ValueError: ", "FileNotFoundError: ")
                                     "optimization.update_freq=1 = 4, and 4 does not divide 10: set dataset.batch_size=2"),
     (["common.cpu=false", "common.fp16=true"], "common.fp16=true but no CUDA device is available"),
     (["common.cpu=false", "common.fp16=false", "common.bf16=true"], "to train on the CPU set common.cpu=true"),
-])
-def test_wrong_settings_stop_with_one_line_naming_the_setting(tmp_path, image_root, overrides, expected):
-    result = run(train_cmd(tmp_path, image_root, tmp_path / "run", *overrides))
+]
+
+
+@pytest.fixture(scope="module")
+def wrong_setting_runs(tmp_path_factory):
+    """Each wrong setting's run, started side by side (each stops at start-up)."""
+    tmp = tmp_path_factory.mktemp("wrong_settings")
+    write_random_images(str(tmp / "images"), classes=3, per_class={"train": 8, "val": 4}, size=24)
+    train_cmd(tmp, tmp / "images", tmp / "run")  # the init checkpoint, written once
+    results = together(*(lambda i=i, o=o: run(train_cmd(tmp, tmp / "images", tmp / f"run{i}", *o), env=one_thread())
+                         for i, (o, _) in enumerate(WRONG_SETTINGS)))
+    return {i: r for i, r in enumerate(results)}
+
+
+@pytest.mark.parametrize("case", range(len(WRONG_SETTINGS)), ids=[e[:60] for _, e in WRONG_SETTINGS])
+def test_wrong_settings_stop_with_one_line_naming_the_setting(wrong_setting_runs, case):
+    result, expected = wrong_setting_runs[case], WRONG_SETTINGS[case][1]
     assert result.returncode != 0
     assert expected in exception_line(result.stderr, PLUGIN_ERRORS)
 
@@ -155,25 +170,51 @@ def evil(tmp_path):
     return path, marker
 
 
-@pytest.mark.parametrize("command", [
+EVIL_COMMANDS = [
     ["-m", "d2v_plugin.cli.convert", "{evil}", "--out", "{tmp}/out.pt"],
     ["-m", "d2v_plugin.cli.evaluate", "{evil}", "--data", "{data}"],
     ["-m", "d2v_plugin.cli.predict", "{evil}", "{image}"],
     ["-m", "d2v_plugin.cli.knn", "{evil}", "--data", "{data}"],
     ["-m", "d2v_plugin.cli.export", "{evil}", "--out", "{tmp}/export"],
-])
-def test_malicious_pickle_is_refused_by_every_command(tmp_path, image_root, evil, command):
-    path, marker = evil
-    image = next((image_root / "val" / "class_0").iterdir())
-    args = [a.format(evil=path, tmp=tmp_path, data=image_root, image=image) for a in command]
-    result = run([sys.executable, *args])
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_runs(tmp_path_factory):
+    """Every command on its own malicious checkpoint (its own marker), fine-tuning from one, and a recipe value
+    that is Python code: all started side by side. (command -> (result, marker))"""
+    tmp = tmp_path_factory.mktemp("hostile")
+    images = tmp / "images"
+    write_random_images(str(images), classes=3, per_class={"train": 8, "val": 4}, size=24)
+    image = next((images / "val" / "class_0").iterdir())
+    calls, markers = [], []
+    for i, command in enumerate([*EVIL_COMMANDS, "fine-tune", "config"]):
+        work = tmp / f"case{i}"
+        work.mkdir()
+        marker = work / "pwned"
+        markers.append(marker)
+        if command == "config":
+            payload = f"__import__('os').system('touch {marker}')"
+            cmd = train_cmd(work, images, work / "run", f"model.pooling=\"{payload}\"")
+        else:
+            path = work / "evil.pt"
+            torch.save({"cfg": {"model": {"_name": "data2vec2_image_classifier"}}, "model": tiny_encoder().state_dict(),
+                        "extra": Calls(os.system, f"touch {marker}")}, path)
+            cmd = (train_cmd(work, images, work / "run", init=path) if command == "fine-tune" else
+                   [sys.executable, *(a.format(evil=path, tmp=work, data=images, image=image) for a in command)])
+        calls.append(lambda cmd=cmd: run(cmd, env=one_thread()))
+    return dict(zip(range(len(calls)), zip(together(*calls), markers)))
+
+
+@pytest.mark.parametrize("case", range(len(EVIL_COMMANDS)), ids=[c[1].split(".")[-1] for c in EVIL_COMMANDS])
+def test_malicious_pickle_is_refused_by_every_command(hostile_runs, case):
+    result, marker = hostile_runs[case]
     assert result.returncode != 0 and not marker.exists()
     assert "refusing to unpickle" in result.stderr and "posix.system" in result.stderr
 
 
-def test_malicious_pickle_is_refused_as_pretrained_checkpoint(tmp_path, image_root, evil):
-    path, marker = evil
-    result = run(train_cmd(tmp_path, image_root, tmp_path / "run", init=path))
+def test_malicious_pickle_is_refused_as_pretrained_checkpoint(hostile_runs):
+    result, marker = hostile_runs[len(EVIL_COMMANDS)]
     assert result.returncode != 0 and not marker.exists()
     assert "model.trust_checkpoint=true" in exception_line(result.stderr, PLUGIN_ERRORS)
 
@@ -188,9 +229,7 @@ def test_malicious_pickle_is_refused_by_load_classifier(evil):
     assert not marker.exists()
 
 
-def test_config_values_are_never_evaluated(tmp_path, image_root):
-    marker = tmp_path / "pwned"
-    payload = f"__import__('os').system('touch {marker}')"
-    result = run(train_cmd(tmp_path, image_root, tmp_path / "run", f"model.pooling=\"{payload}\""))
+def test_config_values_are_never_evaluated(hostile_runs):
+    result, marker = hostile_runs[len(EVIL_COMMANDS) + 1]
     assert result.returncode != 0 and not marker.exists()
 
