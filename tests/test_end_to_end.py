@@ -2,14 +2,12 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, exception_line, json_records, one_thread, run, together, train_cmd
+from conftest import exception_line, json_records, one_thread, run, together, train_cmd
 from d2v_plugin.data import ImageFolderDataset
 
 pytestmark = pytest.mark.slow
