@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import json_records, run, train_cmd
+from conftest import json_records, one_thread, run, together, train_cmd
 from d2v_plugin.cli.pack import pack
 from d2v_plugin.data import DataError, ImageFolderDataset, train_transform
 from d2v_plugin.data.containers import ParquetSplit, ShardSplit, open_split
 from d2v_plugin.data.index import FolderIndex
 
 
-@pytest.fixture
-def digits(tmp_path):
+def packed_digits(tmp_path):
     """A subset of scikit-learn's digits in all three containers, packed from the folder tree."""
     from d2v_plugin.demo_data import write_digits
 
@@ -25,6 +24,26 @@ def digits(tmp_path):
     for fmt in ("parquet", "wds"):
         pack(str(tmp_path / "folder"), str(tmp_path / fmt), fmt, shard_size=12_000, cache_dir=cache)
     return {"folder": tmp_path / "folder", "parquet": tmp_path / "parquet", "wds": tmp_path / "wds", "cache": cache}
+
+
+@pytest.fixture
+def digits(tmp_path):
+    return packed_digits(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def container_runs(tmp_path_factory):
+    """One short run per container and per worker count (0 and the recipes' > 0), started side by side, one
+    thread each: (the data, {(format, workers): (run folder, completed process)})."""
+    tmp = tmp_path_factory.mktemp("container_runs")
+    data = packed_digits(tmp)
+    train_cmd(tmp, data["folder"], tmp / "run")  # the init checkpoint, written once before the runs start
+    keys = [(fmt, workers) for fmt in ("folder", "parquet", "wds") for workers in (0, 2)]
+    done = together(*(lambda f=f, w=w: run(train_cmd(tmp, data[f], tmp / f"run_{f}_{w}", "model.num_classes=10",
+                                                     f"dataset.num_workers={w}", "common.log_format=json",
+                                                     batch_size=8, max_update=20), env=one_thread())
+                      for f, w in keys))
+    return data, {key: (tmp / f"run_{key[0]}_{key[1]}", result) for key, result in zip(keys, done)}
 
 
 def test_each_container_gives_the_same_samples_labels_and_classes(digits):
@@ -200,29 +219,23 @@ def test_pack_is_restartable_and_writes_only_what_is_missing(digits):
 
 
 @pytest.mark.slow
-def test_training_from_each_container_ends_bit_identical(digits, tmp_path):
+def test_training_from_each_container_ends_bit_identical(container_runs):
     weights = {}
-    for fmt in ("folder", "parquet", "wds"):
-        for workers in (0, 2):
-            result = run(train_cmd(tmp_path, digits[fmt], tmp_path / f"run_{fmt}_{workers}", "model.num_classes=10",
-                                   f"dataset.num_workers={workers}", "common.log_format=json", batch_size=8,
-                                   max_update=20))
-            assert result.returncode == 0, result.stderr[-3000:]
-            log = result.stdout + result.stderr
-            assert [r["epoch"] for r in json_records(log, "val")] == [1, 2]  # two whole epochs
-            weights[fmt, workers] = torch.load(tmp_path / f"run_{fmt}_{workers}" / "checkpoint_last.pt",
-                                               weights_only=True)["model"]
+    for key, (run_dir, result) in container_runs[1].items():
+        assert result.returncode == 0, result.stderr[-3000:]
+        log = result.stdout + result.stderr
+        assert [r["epoch"] for r in json_records(log, "val")] == [1, 2]  # two whole epochs
+        weights[key] = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)["model"]
     ref = weights["folder", 0]
     for key, w in weights.items():
         assert all(torch.equal(w[k], ref[k]) for k in ref), key
 
 
-def test_the_commands_take_containers(digits, tmp_path, capsys):
+def test_the_commands_take_containers(container_runs, capsys):
     from d2v_plugin.cli import evaluate, predict
 
-    run_dir = tmp_path / "run"
-    result = run(train_cmd(tmp_path, digits["folder"], run_dir, "model.num_classes=10", batch_size=8, max_update=4))
-    assert result.returncode == 0, result.stderr[-3000:]
+    digits, runs = container_runs
+    run_dir = runs["folder", 2][0]
     scores = {}
     for fmt in ("folder", "parquet", "wds"):
         assert evaluate.main([str(run_dir / "checkpoint_best.pt"), "--data", str(digits[fmt]), "--cache-dir",
