@@ -136,7 +136,7 @@ def test_a_frozen_encoder_keeps_no_activations_runs_in_eval_mode_and_stays_out_o
 
 import os  # noqa: E402
 
-from conftest import REPO, VENV_BIN, max_diff, run, weights  # noqa: E402
+from conftest import REPO, VENV_BIN, max_diff, one_thread, run, together, weights  # noqa: E402
 
 
 def probe_cmd(root, save_dir, recipe="linear_probe_imagenet", *overrides, init=None, data=None, image_size=24,
@@ -164,17 +164,28 @@ def tiny(tmp_path_factory):
     return root
 
 
+RECIPES = ["linear_probe_imagenet", "attentive_probe_imagenet"]
+
+
+@pytest.fixture(scope="module")
+def probe_runs(tiny):
+    """One short run of each probe recipe, side by side: recipe -> (its folder, the completed process)."""
+    done = together(*(lambda r=r: run(probe_cmd(tiny, tiny / r, r, "optimization.lr=[0.5]" if r.startswith("linear")
+                                                else "optimizer.groups.default.lr_float=0.01"), env=one_thread())
+                      for r in RECIPES))
+    return {r: (tiny / r, result) for r, result in zip(RECIPES, done)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["linear_probe_imagenet", "attentive_probe_imagenet"])
-def test_a_probe_run_leaves_the_encoder_as_pretrained_and_optimizes_the_head_only(tiny, tmp_path, recipe):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_probe_run_leaves_the_encoder_as_pretrained_and_optimizes_the_head_only(tiny, probe_runs, tmp_path, recipe):
     from d2v_plugin.models.checkpoints import read_checkpoint
 
-    result = run(probe_cmd(tiny, tmp_path / "run", recipe, "optimization.lr=[0.5]" if recipe.startswith("linear")
-                           else "optimizer.groups.default.lr_float=0.01"))
+    run_dir, result = probe_runs[recipe]
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "encoder frozen (model.freeze_encoder): its" in log and "stay out of the optimizer" in log
-    saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    saved = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)
     pretrained = read_checkpoint(str(tiny / "init.pt")).encoder
     encoder = {k[len("encoder."):]: v for k, v in saved["model"].items() if k.startswith("encoder.")}
     assert encoder.keys() == pretrained.keys() and all(torch.equal(encoder[k], pretrained[k]) for k in encoder)
@@ -190,7 +201,7 @@ def test_a_probe_run_leaves_the_encoder_as_pretrained_and_optimizes_the_head_onl
     assert saved["cfg"]["model"]["head"] == recipe.split("_")[0].replace("linear", "batchnorm_linear")
     from d2v_plugin.cli import compare as compare_cli  # a probe run is its own kind of row
 
-    assert compare_cli.main([str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--no-speed", "--labels",
+    assert compare_cli.main([str(run_dir), "--out", str(tmp_path / "report"), "--no-speed", "--labels",
                              "probe"]) == 0
     row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
                if line.startswith("| probe |"))
@@ -206,20 +217,25 @@ def test_a_killed_probe_run_resumes_to_the_same_weights_and_two_ranks_match_one_
 
     extra = ["optimization.lr=[0.5]", "checkpoint.save_interval_updates=2", "dataset.batch_size=2",
              "task.global_batch_size=4"]
-    whole = run(probe_cmd(tiny, tmp_path / "whole", "linear_probe_imagenet", *extra))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    env = one_thread()  # every run on one thread: the uninterrupted one beside the one killed, then the rest
     cmd = probe_cmd(tiny, tmp_path / "killed", "linear_probe_imagenet", *extra)
-    kill_after_saving(cmd, 8)  # in the middle of epoch 2
-    resumed = run(cmd)
+    whole, _ = together(lambda: run(probe_cmd(tiny, tmp_path / "whole", "linear_probe_imagenet", *extra), env=env),
+                        lambda: kill_after_saving(cmd, 8, env))  # in the middle of epoch 2
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    def pair():
+        port = free_port()
+        procs = [subprocess.Popen(probe_cmd(tiny, tmp_path / "pair", "linear_probe_imagenet", *extra, *CPU_DDP,
+                                            f"distributed_training.distributed_rank={rank}",
+                                            f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}"),
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                 for rank in (0, 1)]
+        return procs, [p.communicate(timeout=600)[0] for p in procs]
+
+    resumed, (procs, outs) = together(lambda: run(cmd, env=env), pair)
     assert resumed.returncode == 0 and "Loaded checkpoint" in resumed.stdout + resumed.stderr
     assert max_diff(weights(tmp_path / "whole" / "checkpoint_last.pt"),
                     weights(tmp_path / "killed" / "checkpoint_last.pt")) == 0.0
-    port = free_port()
-    procs = [subprocess.Popen(probe_cmd(tiny, tmp_path / "pair", "linear_probe_imagenet", *extra, *CPU_DDP,
-                                        f"distributed_training.distributed_rank={rank}",
-                                        f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}"),
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
     assert "global batch 4 = dataset.batch_size 2 x 2 ranks x optimization.update_freq 1" in outs[0]
     assert "global batch 4 = dataset.batch_size 2 x 1 ranks x optimization.update_freq 2" in whole.stdout + whole.stderr
@@ -239,13 +255,14 @@ def test_the_probe_recipes_rank_the_fine_tuned_demo_encoder_above_a_random_one(r
                                                                                  expected):
     import json
 
-    top1 = {}
-    for name, init, extra in (("fine-tuned", runs["depth4"] / "checkpoint_best.pt", []),
-                              ("random", runs["init"], ["model.depth=4"])):
-        cmd = probe_cmd(runs["root"], tmp_path / name, recipe, *settings, *extra, "optimization.max_epoch=4",
-                        "optimization.max_update=180", "common.log_interval=50", init=init, data=runs["data"],
-                        image_size=16, classes=10, batch=32)
-        result = run([c for c in cmd if c != "lr_scheduler.warmup_updates=2"])
+    top1, encoders = {}, (("fine-tuned", runs["depth4"] / "checkpoint_best.pt", []),
+                          ("random", runs["init"], ["model.depth=4"]))
+    cmds = [probe_cmd(runs["root"], tmp_path / name, recipe, *settings, *extra, "optimization.max_epoch=4",
+                      "optimization.max_update=180", "common.log_interval=50", init=init, data=runs["data"],
+                      image_size=16, classes=10, batch=32) for name, init, extra in encoders]
+    done = together(*(lambda c=c: run([a for a in c if a != "lr_scheduler.warmup_updates=2"], env=one_thread())
+                      for c in cmds))  # the two encoders side by side
+    for (name, _, _), result in zip(encoders, done):
         assert result.returncode == 0, result.stderr[-3000:]
         lines = [line for line in (result.stdout + result.stderr).splitlines() if "[val][INFO] - {" in line]
         top1[name] = max(float(json.loads(line.split(" - ", 1)[1])["val_accuracy"]) for line in lines) / 100
