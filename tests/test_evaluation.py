@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, VENV_BIN, run, tiny_encoder, train_cmd
+from conftest import REPO, VENV_BIN, one_thread, run, tiny_encoder, together, train_cmd
 from d2v_plugin.demo_data import write_random_images
 from d2v_plugin.evaluation import features as features_module
 from d2v_plugin.evaluation.knn import knn_probe, nearest
@@ -54,35 +54,39 @@ def results(stdout):
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_give_one_ranks_results(tiny):
+def test_two_ranks_under_torchrun_give_one_ranks_results(tiny, capsys):
+    from d2v_plugin.cli import evaluate as evaluate_cli
+    from d2v_plugin.cli import knn as knn_cli
+
     data = ["--data", tiny / "images", "--workers", "1"]
     best = tiny / "run" / "checkpoint_best.pt"
-    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc1",
-                          "--out", tiny / "out1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    two = torchrun("d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc2", "--out", tiny / "out2",
-                   port=free_port())
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert results(one.stdout) == results(two.stdout) and results(one.stdout)[0]["n"] == 15  # 8 + 7 images
+    knn = ["--k", "3", "5", "--cache"]
+    # the two commands on two ranks each, side by side; then each in this process, on one rank
+    two, two_knn = together(lambda: torchrun("d2v_plugin.cli.evaluate", best, *data, "--per-class", tiny / "pc2",
+                                             "--out", tiny / "out2", port=free_port()),
+                            lambda: torchrun("d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f2", "--out",
+                                             tiny / "out2", port=free_port()))
+    assert two.returncode == 0 and two_knn.returncode == 0, (two.stderr + two_knn.stderr)[-3000:]
+    capsys.readouterr()
+    assert evaluate_cli.main([str(a) for a in (best, *data, "--per-class", tiny / "pc1", "--out", tiny / "out1")]) == 0
+    one = capsys.readouterr().out
+    assert results(one) == results(two.stdout) and results(one)[0]["n"] == 15  # 8 + 7 images
     assert json.loads(two.stdout)["ranks"] == 2 and len(two.stdout.strip().splitlines()) == 1  # rank 0 prints
     # per class: the confusion matrix of both ranks' images, the same as one rank's
     for name in ("per_class.csv", "confusion.csv"):
         assert (tiny / "pc1" / name).read_text() == (tiny / "pc2" / name).read_text()
     matrix = np.loadtxt(tiny / "pc2" / "confusion.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3), dtype=int)
     assert matrix.sum(axis=1).tolist() == [5, 5, 5]  # each val class folder's images
-    assert np.trace(matrix) == round(results(one.stdout)[0]["top1"] * 15)
+    assert np.trace(matrix) == round(results(one)[0]["top1"] * 15)
     rows = (tiny / "pc2" / "per_class.csv").read_text().splitlines()
     assert rows[0].startswith("class_index,class,images,correct,top1") and len(rows) == 4
     from PIL import Image
 
     with Image.open(tiny / "pc2" / "confusion.png") as img:
         img.verify()
-    knn = ["--k", "3", "5", "--cache"]
-    one = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f1",
-                          "--out", tiny / "out1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    two = torchrun("d2v_plugin.cli.knn", tiny / "init.pt", *data, *knn, tiny / "f2", "--out", tiny / "out2",
-                   port=free_port())
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert results(one.stdout) == results(two.stdout) and [r["k"] for r in results(one.stdout)] == [3, 5]
+    assert knn_cli.main([str(a) for a in (tiny / "init.pt", *data, *knn, tiny / "f1", "--out", tiny / "out1")]) == 0
+    one = capsys.readouterr().out
+    assert results(one) == results(two_knn.stdout) and [r["k"] for r in results(one)] == [3, 5]
     # the per-image outcomes, gathered over the ranks in index order: one rank's file, row for row
     import pyarrow.parquet as pq
 
@@ -257,23 +261,27 @@ def test_a_killed_extraction_resumes_to_the_features_of_an_uninterrupted_one(tmp
     save_data2vec_checkpoint(tiny_encoder(), str(tmp_path / "init.pt"), prenet_depth=2)
     cmd = [sys.executable, "-m", "d2v_plugin.cli.knn", str(tmp_path / "init.pt"), "--data", str(tmp_path / "images"),
            "--workers", "2", "--batch-size", "8", "--store-chunk", "16"]
-    whole = subprocess.run(cmd + ["--cache", str(tmp_path / "whole")], cwd=REPO, capture_output=True, text=True,
-                           timeout=600)
+    env = one_thread()  # the uninterrupted extraction beside the one killed, one thread each
+
+    def killed():
+        proc = subprocess.Popen(cmd + ["--cache", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, env=env)
+        deadline = time.time() + 300
+        done = []
+        while time.time() < deadline and len(done) < 3:
+            time.sleep(0.02)
+            done = [d for d in (tmp_path / "killed").glob("*/done/*")]
+        os.killpg(proc.pid, signal.SIGKILL)  # the extraction and its workers, mid-way
+        proc.communicate()
+
+    whole, _ = together(lambda: subprocess.run(cmd + ["--cache", str(tmp_path / "whole")], cwd=REPO, env=env,
+                                               capture_output=True, text=True, timeout=600), killed)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    proc = subprocess.Popen(cmd + ["--cache", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    done = []
-    while time.time() < deadline and len(done) < 3:
-        time.sleep(0.02)
-        done = [d for d in (tmp_path / "killed").glob("*/done/*")]
-    os.killpg(proc.pid, signal.SIGKILL)  # the extraction and its workers, mid-way
-    proc.communicate()
     stores = sorted((tmp_path / "killed").iterdir(), key=lambda p: -len(os.listdir(p / "done")))
     train_store = stores[0]
     assert 3 <= len(os.listdir(train_store / "done")) < 38, "killed too late to show a resume"  # 600 rows / 16
     resumed = subprocess.run(cmd + ["--cache", str(tmp_path / "killed")], cwd=REPO, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "chunks there already" in resumed.stderr
     for name in ("features.bin", "labels.bin"):
