@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_encoder
+from conftest import REPO, tiny_encoder, together
 from d2v_plugin.demo_data import write_random_images
 from d2v_plugin.evaluation.features import FeatureSpec, compute_entries
 from d2v_plugin.evaluation.fewshot import LAMBDA, draw, fewshot_probe
@@ -243,8 +243,22 @@ def test_track_probes_each_new_checkpoint_once_in_update_order_and_never_a_half_
     run_dir = tmp_path / "track"  # a run folder may be named as the tracker's own folder is
     log = pretrain(data, run_dir, 6)  # checkpoint_1_2.pt, checkpoint_1_4.pt, checkpoint_last.pt (6)
     hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.glob("*.pt")}
-    track(run_dir, data)
-    lines = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    go_on, later = tmp_path / "go_on", tmp_path / "later"
+    shutil.copytree(run_dir, go_on)
+
+    def pretraining_goes_on():  # meanwhile, in a copy: to update 8, and a copy of that to 10
+        pretrain(data, go_on, 8)  # resumes from checkpoint_last.pt: checkpoint_2_8.pt, checkpoint_last.pt (8)
+        shutil.copytree(go_on, later)
+        pretrain(data, later, 10)
+
+    def tracked():
+        track(run_dir, data)
+        first = (run_dir / "track.jsonl").read_text()
+        track(run_dir, data, "--temperature", "0.5")  # another setting that changes a result
+        return first, (run_dir / "track.jsonl").read_text()
+
+    _, (first, second) = together(pretraining_goes_on, tracked)
+    lines = [json.loads(line) for line in first.splitlines()]
     assert [(r["update"], r["probe"]) for r in lines] == [(u, p) for u in (2, 4, 6) for p in ("knn", "linear")]
     logged = saved_epochs(log)
     for r in lines:  # the update is the file's own, not its name's; the epoch fairseq's log gave it
@@ -255,16 +269,13 @@ def test_track_probes_each_new_checkpoint_once_in_update_order_and_never_a_half_
         assert r["file"]["sha256"] == hashes[name] and r["file"]["path"] == r["checkpoint"]
         assert r["data"]["crop_ratio"] == 0.875 and r["settings"]["temperature"] == 0.07
     assert (run_dir / "top1_vs_update.png").stat().st_size > 1000
-    # another setting that changes a result: probed again, the earlier results kept
-    track(run_dir, data, "--temperature", "0.5")
-    again = [json.loads(line) for line in (run_dir / "track.jsonl").read_text().splitlines()]
+    # probed again with the other setting, the earlier results kept
+    again = [json.loads(line) for line in second.splitlines()]
     assert len(again) == 12 and again[:0] == [] and sum(r["settings"]["temperature"] == 0.5 for r in again) == 6
     (run_dir / "track.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    # the run goes on: a 4th checkpoint; and a 5th still being written (a copy cut short: no zip end record)
-    pretrain(data, run_dir, 8)  # resumes from checkpoint_last.pt: checkpoint_2_8.pt, checkpoint_last.pt (8)
-    later = tmp_path / "later"
-    shutil.copytree(run_dir, later, ignore=shutil.ignore_patterns("track*", "top1*"))
-    pretrain(data, later, 10)
+    # the run went on: a 4th checkpoint; and a 5th still being written (a copy cut short: no zip end record)
+    for name in ("checkpoint_2_8.pt", "checkpoint_last.pt"):
+        shutil.copy2(go_on / name, run_dir / name)
     whole = (later / "checkpoint_2_10.pt").read_bytes()
     (run_dir / "checkpoint_2_10.pt").write_bytes(whole[: len(whole) // 2])
     log = track(run_dir, data)
