@@ -156,9 +156,11 @@ def train_heads(x, y: np.ndarray, rows: np.ndarray, num_classes: int, settings: 
                 continue  # BatchNorm needs two rows to normalise
             feats = norm(read_rows(x, batch, device))
             target = torch.from_numpy(y[batch]).to(device)
-            logits = torch.einsum("bd,hcd->hbc", feats, state.w) + state.b[:, None, :]
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), target.repeat(len(heads)), reduction="none")
-            loss.view(len(heads), -1).mean(dim=1).sum().backward()  # each head's mean loss: its own gradient only
+            # logits [B, C, H]: the classes in dim 1, where cross_entropy takes them (twice the speed of [H * B, C]
+            # on a CPU); each head's mean loss, summed: each head gets its own gradient only
+            logits = torch.einsum("bd,hcd->bch", feats, state.w) + state.b.T[None]
+            loss = F.cross_entropy(logits, target[:, None].expand(-1, len(heads)), reduction="none")
+            loss.mean(dim=0).sum().backward()
             state.step(0.5 * (1 + math.cos(math.pi * step / total)))
             step += 1
     norm.eval()
