@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, VENV_BIN, doc_block_after, exception_line, json_records, run, train_cmd
+from conftest import (REPO, VENV_BIN, doc_block_after, exception_line, json_records, one_thread, run, together,
+                      train_cmd)
 
 COMMANDS = ["evaluate", "export", "predict", "knn", "convert", "compare", "preresize", "where", "pack", "probe", "track",
             "recipe", "similarity"]
@@ -48,6 +49,28 @@ def finished_run(tmp_path_factory):
     return tmp, result
 
 
+RERUNS = [(6, "optimization.max_update=6 (it is at update 6)"), (100, "optimization.max_epoch=2 (it has trained 2 epochs)")]
+
+
+@pytest.fixture(scope="module")
+def after_the_run(finished_run):
+    """What a user runs next, side by side: the finished run's command again (into copies of the run, with
+    max_update 6 and 100), a typo in an override, load_classifier in a Python session."""
+    import shutil
+
+    tmp, _ = finished_run
+    commands = {}
+    for max_update, _ in RERUNS:
+        shutil.copytree(tmp / "run", tmp / f"rerun_{max_update}")
+        commands[max_update] = train_cmd(tmp, tmp / "images", tmp / f"rerun_{max_update}", "common.log_format=json",
+                                         batch_size=8, max_update=max_update)
+    commands["typo"] = train_cmd(tmp, tmp / "images", tmp / "typo", f"+task.dta={tmp / 'images'}", "+model.dept=2")
+    commands["session"] = [sys.executable, "-c", f"import d2v_plugin\nm = d2v_plugin.load_classifier("
+                           f"{str(tmp / 'run' / 'checkpoint_best.pt')!r})\nprint(m.classes)"]
+    done = together(*(lambda c=c: run(c, env=one_thread()) for c in commands.values()))
+    return dict(zip(commands, done))
+
+
 def test_a_run_from_another_folder_with_the_printed_paths_works(finished_run):
     tmp, _ = finished_run
     assert (tmp / "run" / "checkpoint_best.pt").is_file()
@@ -65,11 +88,8 @@ def test_the_training_console_has_no_third_party_noise_and_each_record_once(fini
     assert len(pace) == 1 and "(measured over updates 2-3)" in pace[0], pace
 
 
-def test_load_classifier_in_a_python_session_prints_nothing(finished_run):
-    tmp, _ = finished_run
-    code = (f"import d2v_plugin\nm = d2v_plugin.load_classifier({str(tmp / 'run' / 'checkpoint_best.pt')!r})\n"
-            f"print(m.classes)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp)
+def test_load_classifier_in_a_python_session_prints_nothing(after_the_run):
+    result = after_the_run["session"]
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.strip() == "['class_0', 'class_1', 'class_2']"
 
@@ -77,16 +97,17 @@ def test_load_classifier_in_a_python_session_prints_nothing(finished_run):
 def test_fairseq_validate_works_with_and_without_the_plugins_criterion(finished_run):
     tmp, _ = finished_run
     ckpt = tmp / "run" / "checkpoint_best.pt"
-    evaluate = run([sys.executable, "-m", "d2v_plugin.cli.evaluate", str(ckpt), "--data", str(tmp / "images")])
-    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
-    assert "UserWarning" not in evaluate.stderr and "FutureWarning" not in evaluate.stderr
-    top1 = json.loads(evaluate.stdout.strip().splitlines()[-1])["top1"]
-    for extra in ([], ["--criterion", "mixup_cross_entropy"]):
-        validate = run([os.path.join(VENV_BIN, "fairseq-validate"), str(tmp / "images"), "--user-dir", "d2v_plugin",
-                        "--task", "image_folder_classification", "--path", str(ckpt), "--valid-subset", "val",
-                        "--batch-size", "8", "--cpu", *extra])
-        assert validate.returncode == 0, validate.stderr[-2000:]
-        line = next(li for li in (validate.stdout + validate.stderr).splitlines() if "valid on 'val' subset" in li)
+    validate = [[os.path.join(VENV_BIN, "fairseq-validate"), str(tmp / "images"), "--user-dir", "d2v_plugin", "--task",
+                 "image_folder_classification", "--path", str(ckpt), "--valid-subset", "val", "--batch-size", "8",
+                 "--cpu", *extra] for extra in ([], ["--criterion", "mixup_cross_entropy"])]
+    evaluate = [sys.executable, "-m", "d2v_plugin.cli.evaluate", str(ckpt), "--data", str(tmp / "images")]
+    evaluated, *done = together(*(lambda c=c: run(c, env=one_thread()) for c in (evaluate, *validate)))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "UserWarning" not in evaluated.stderr and "FutureWarning" not in evaluated.stderr
+    top1 = json.loads(evaluated.stdout.strip().splitlines()[-1])["top1"]
+    for result in done:
+        assert result.returncode == 0, result.stderr[-2000:]
+        line = next(li for li in (result.stdout + result.stderr).splitlines() if "valid on 'val' subset" in li)
         accuracy = float(line.split("| accuracy ")[1].split(" |")[0])
         assert accuracy == round(top1 * 100, 3) and "| n 12 |" in line
 
@@ -120,34 +141,28 @@ def test_the_demo_deletes_only_what_it_created(tmp_path):
     assert (work / "my_export" / "model.safetensors").read_bytes() == b"the user's"
 
 
-@pytest.mark.parametrize("max_update,reached", [(6, "optimization.max_update=6 (it is at update 6)"),
-                                                (100, "optimization.max_epoch=2 (it has trained 2 epochs)")])
-def test_rerunning_a_finished_run_says_so_and_trains_nothing_more(finished_run, tmp_path, max_update, reached):
+@pytest.mark.parametrize("max_update,reached", RERUNS)
+def test_rerunning_a_finished_run_says_so_and_trains_nothing_more(finished_run, after_the_run, max_update, reached):
     """fairseq alone trains one update past max_update and saves it over the finished run, every rerun."""
-    import shutil
-
     import torch
 
     tmp, _ = finished_run
-    shutil.copytree(tmp / "run", tmp_path / "run")
-    before = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
-    result = run(train_cmd(tmp, tmp / "images", tmp_path / "run", "common.log_format=json", batch_size=8,
-                           max_update=max_update))
+    rerun = tmp / f"rerun_{max_update}"
+    before = torch.load(tmp / "run" / "checkpoint_last.pt", weights_only=True)
+    result = after_the_run[max_update]
     console = result.stdout + result.stderr
     assert result.returncode == 0, console[-3000:]
     warning = next(line for line in console.splitlines() if "has already reached" in line)
-    assert f"checkpoint.save_dir={tmp_path / 'run'} has already reached {reached}" in warning
+    assert f"checkpoint.save_dir={rerun} has already reached {reached}" in warning
     assert "to start another run, give another checkpoint.save_dir" in warning
     assert json_records(console, "train_inner") == []  # not one more update
-    after = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    after = torch.load(rerun / "checkpoint_last.pt", weights_only=True)
     assert after["optimizer_history"][-1]["num_updates"] == before["optimizer_history"][-1]["num_updates"] == 6
     assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
 
 
-def test_a_typo_in_an_override_names_the_key_and_the_nearest_one(finished_run):
-    tmp, _ = finished_run
-    cmd = train_cmd(tmp, tmp / "images", tmp / "typo", f"+task.dta={tmp / 'images'}", "+model.dept=2")
-    result = run(cmd)
+def test_a_typo_in_an_override_names_the_key_and_the_nearest_one(after_the_run):
+    result = after_the_run["typo"]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]  # the answer alone, in one line
     lines = [line for line in result.stderr.splitlines() if line.startswith("unknown key")]
