@@ -60,9 +60,9 @@ def test_a_frame_summary_pointing_at_a_real_file_is_refused_without_opening_it(t
     assert opened == []
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str, env=None) -> subprocess.CompletedProcess:
     """A fresh process, so that its peak memory is the load's alone."""
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
 PEAK = ("import resource\nfrom d2v_plugin.models.safe_load import load_file, CheckpointError\n"
@@ -71,11 +71,26 @@ PEAK = ("import resource\nfrom d2v_plugin.models.safe_load import load_file, Che
         "print('grew MiB', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
 
 
-@pytest.mark.parametrize("module,name", [("builtins", "bytearray"), ("__builtin__", "bytes"), ("builtins", "set")])
-def test_a_hundred_bytes_cannot_allocate_gigabytes(tmp_path, module, name):
-    path = tmp_path / "alloc.pt"
-    checkpoint_with_pickle(path, called(module, name, 2_000_000_000))
-    out = run_python(PEAK.format(path=str(path)))
+ALLOCATIONS = [("builtins", "bytearray"), ("__builtin__", "bytes"), ("builtins", "set")]
+
+
+@pytest.fixture(scope="module")
+def allocation_loads(tmp_path_factory):
+    """Each crafted file loaded in a fresh process of its own (its peak memory the load's alone), side by side."""
+    from conftest import one_thread, together
+
+    tmp = tmp_path_factory.mktemp("alloc")
+    codes = []
+    for module, name in ALLOCATIONS:
+        path = tmp / f"{module}_{name}.pt"
+        checkpoint_with_pickle(path, called(module, name, 2_000_000_000))
+        codes.append(PEAK.format(path=str(path)))
+    return dict(zip(ALLOCATIONS, together(*(lambda c=c: run_python(c, env=one_thread()) for c in codes))))
+
+
+@pytest.mark.parametrize("module,name", ALLOCATIONS)
+def test_a_hundred_bytes_cannot_allocate_gigabytes(allocation_loads, module, name):
+    out = allocation_loads[module, name]
     assert out.returncode == 0, out.stderr[-2000:]
     grew = int(out.stdout.split("grew MiB")[1])
     assert grew < 1024, out.stdout  # refused, or a stand-in that keeps the number: never 2 GB of bytes
