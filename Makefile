@@ -26,7 +26,7 @@ $(STAMP):
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
 
 demo: setup
 	$(PY) scripts/demo.py
