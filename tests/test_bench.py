@@ -42,27 +42,23 @@ def test_every_section_renders_its_report(benchmarks, tmp_path):
     assert "| 12 | 2.00 (1.00–3.00) |" in text and "| 500x375 | ours (preresize 256) | 2.0 (1.0–3.0) | 1.00x |" in text
 
 
-def test_the_gpu_benchmark_runs_on_the_cpu_in_its_dry_run(tmp_path):
-    import json
+@pytest.fixture(scope="module", autouse=True)
+def gpu_dry_run(tmp_path_factory):
+    """scripts/bench_gpu.py --dry-run, started when this module starts and running while its other tests do (one
+    process, one thread): (the process, its output folder)."""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_gpu.py"), "--dry-run", "--out",
-                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = json.loads((tmp_path / "bench_gpu.json").read_text())
-    assert {(r["impl"], r["precision"]) for r in written["rows"]} == {("ours", "bf16"), ("data2vec", "bf16")}
-    assert all(r["images_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in written["rows"])
-    assert set(written["optimizers"]) == {"adam", "fused_adamw"}
-    decode = written["device_decode"]  # the step with task.device_decode on real JPEG batches, prefetched or not
-    assert set(decode["step_s"]) == {"no decode", "prefetched decode", "inline decode"}
-    assert all(t > 0 for t in decode["step_s"].values()) and decode["decode_images_per_s"] > 0
-    assert set(written["probe_step"]["results"]) == {"distilled_imagenet", "linear_probe_imagenet",
-                                                     "attentive_probe_imagenet"}
-    assert all(r["median"] > 0 for r in written["evaluate"]["results"].values())
-    assert written["knn_scale"]["ours"]["queries_per_s"] > 0
-    knn = written["knn_precision"]  # on a GPU: the GPU's kNN top-1 against the CPU's on one store
-    assert knn["equal"] and set(knn["device"]) == {"10", "20"} and knn["val"] > 300
+    from conftest import one_thread
+
+    out = tmp_path_factory.mktemp("bench_gpu")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "bench_gpu.py"), "--dry-run", "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=one_thread())
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
 
 
 def test_the_evaluation_section_measures_ours_the_plain_loop_the_search_and_the_probes(benchmarks, tmp_path):
@@ -98,3 +94,25 @@ def test_the_scale_section_measures_the_linear_probe_from_a_store_in_a_process_o
     assert lines[0].startswith("## The linear probe at ImageNet's size") and any("12,500 steps" in x for x in lines)
     assert any(x.startswith("### The checkpoint's hash") for x in lines)
     assert result["scale"]["inside"]["cka_s"] > 0 and any(x.startswith("### Looking inside") for x in lines)
+
+
+# last, so that the dry run started with the module runs beside the tests above
+def test_the_gpu_benchmark_runs_on_the_cpu_in_its_dry_run(gpu_dry_run):
+    import json
+
+    proc, tmp_path = gpu_dry_run
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    written = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert {(r["impl"], r["precision"]) for r in written["rows"]} == {("ours", "bf16"), ("data2vec", "bf16")}
+    assert all(r["images_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in written["rows"])
+    assert set(written["optimizers"]) == {"adam", "fused_adamw"}
+    decode = written["device_decode"]  # the step with task.device_decode on real JPEG batches, prefetched or not
+    assert set(decode["step_s"]) == {"no decode", "prefetched decode", "inline decode"}
+    assert all(t > 0 for t in decode["step_s"].values()) and decode["decode_images_per_s"] > 0
+    assert set(written["probe_step"]["results"]) == {"distilled_imagenet", "linear_probe_imagenet",
+                                                     "attentive_probe_imagenet"}
+    assert all(r["median"] > 0 for r in written["evaluate"]["results"].values())
+    assert written["knn_scale"]["ours"]["queries_per_s"] > 0
+    knn = written["knn_precision"]  # on a GPU: the GPU's kNN top-1 against the CPU's on one store
+    assert knn["equal"] and set(knn["device"]) == {"10", "20"} and knn["val"] > 300

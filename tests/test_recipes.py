@@ -227,10 +227,13 @@ IMAGENET_TRAIN = 1_281_167
 def test_recipe_trains_at_its_global_batch_on_any_number_of_gpus_or_refuses(name, target):
     from d2v_plugin.training import ConfigError, resolve_update_freq
 
-    outcomes = {}
+    import copy
+
+    outcomes, recipe = {}, resolve(name)  # the recipe resolved once; each layout set on a copy of it
     for world in (1, 2, 3, 4, 6, 8, 16):
         for batch in (16, 24, 32, 48, 64):
-            cfg = resolve(name, f"distributed_training.distributed_world_size={world}", f"dataset.batch_size={batch}")
+            cfg = copy.deepcopy(recipe)
+            cfg.distributed_training.distributed_world_size, cfg.dataset.batch_size = world, batch
             try:
                 resolve_update_freq(cfg.task.global_batch_size, cfg)
             except ConfigError as err:
