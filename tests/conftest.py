@@ -163,14 +163,14 @@ def exception_line(stderr, prefixes=("d2v_plugin.",)):
 
 # --- the session's fine-tuned runs (built once, shared by every test that needs a trained model) ----------
 
-def fairseq_train(data, init, save_dir, cache, *overrides):
+def fairseq_train(data, init, save_dir, cache, *overrides, env=None):
     cmd = [os.path.join(VENV_BIN, "fairseq-hydra-train"), "--config-dir", "config", "--config-name", "demo",
            "common.user_dir=d2v_plugin", f"task.data={data}", f"model.pretrained_checkpoint={init}",
            f"checkpoint.save_dir={save_dir}", f"task.cache_dir={cache}", "task.image_size=16",
            "optimization.max_epoch=6", "optimization.max_update=270",
            "optimizer.groups.default.lr_scheduler.warmup_updates=30",
            "optimizer.groups.no_decay.lr_scheduler.warmup_updates=30", *overrides]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return save_dir
 
@@ -187,10 +187,15 @@ def runs(tmp_path_factory):
     init = root / "teacher.pt"
     save_data2vec_checkpoint(teacher, str(init), prenet_depth=2)
     student = root / "student4.pt"
-    out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.convert", str(init), "--out", str(student),
-                          "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    depth2 = fairseq_train(data, init, root / "depth2", cache, "model.depth=2")
-    depth4 = fairseq_train(data, student, root / "depth4", cache)
+
+    def converted_then_trained():
+        out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.convert", str(init), "--out", str(student),
+                              "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out, fairseq_train(data, student, root / "depth4", cache, env=one_thread())
+
+    # the two runs side by side, one thread each (the folder index they share is written atomically)
+    depth2, (out, depth4) = together(lambda: fairseq_train(data, init, root / "depth2", cache, "model.depth=2",
+                                                           env=one_thread()), converted_then_trained)
     return {"data": data, "init": init, "student": student, "convert_stdout": out.stdout, "depth2": depth2,
             "depth4": depth4, "root": root, "cache": cache}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fairseq.data import iterators
 
-from conftest import REPO, VENV_BIN, json_records, max_diff, run, train_cmd, weights
+from conftest import REPO, VENV_BIN, json_records, max_diff, one_thread, run, together, train_cmd, weights
 from d2v_plugin import cluster
 from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
 from d2v_plugin.demo_data import write_random_images
@@ -251,11 +251,17 @@ def runs(tmp_path_factory):
     one process (update_freq 2) and two ranks (update_freq 1) with the same global batch."""
     tmp = tmp_path_factory.mktemp("cluster")
     write_random_images(str(tmp / "images"), classes=3, per_class={"train": 8, "val": 5}, size=24)
-    single = run(cmd(tmp, tmp / "single"), env=record_env(tmp / "rec_single"))
+    train_cmd(tmp, tmp / "images", tmp / "single")  # the init checkpoint, written before the runs start
+
+    def pair():  # the two ranks, beside the single process; every process on one thread
+        procs = [start(c, {**record_env(tmp / "rec_pair"), "OMP_NUM_THREADS": "1"})
+                 for c in rank_cmds(tmp, tmp / "pair")]
+        return procs, [rest_of(p) for p in procs]
+
+    single, (procs, outputs) = together(
+        lambda: run(cmd(tmp, tmp / "single"), env=one_thread(**record_env(tmp / "rec_single"))), pair)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "global batch 4 = dataset.batch_size 2 x 1 ranks x optimization.update_freq 2" in single.stdout + single.stderr
-    procs = [start(c, record_env(tmp / "rec_pair")) for c in rank_cmds(tmp, tmp / "pair")]
-    outputs = [rest_of(p) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
     return tmp, outputs[0]
 
@@ -296,7 +302,8 @@ def test_a_signal_mid_epoch_saves_the_next_update_exits_75_and_the_rerun_matches
     fake.mkdir()
     (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
     (fake / "scontrol").chmod(0o755)
-    env = {**record_env(tmp_path / "rec"), "SLURM_JOB_ID": "4242", "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = {**record_env(tmp_path / "rec"), "SLURM_JOB_ID": "4242", "PATH": f"{fake}:{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}  # as the uninterrupted run it is compared with bit for bit
     command = cmd(tmp, tmp_path / "stopped", "task.requeue_on_signal=true")
     proc = start(command, env)
     seen = read_until(proc, after_update(2))  # in the middle of epoch 1 (6 updates)

@@ -83,23 +83,25 @@ def test_a_student_of_its_teachers_first_4_blocks_matches_them_and_two_ranks_giv
     import subprocess
     import sys
 
-    from conftest import REPO, VENV_BIN
+    from conftest import REPO, VENV_BIN, one_thread, together
 
-    out = {}
-    for ranks in (1, 2):
+    def similarity(ranks):
         cmd = ["-m", "d2v_plugin.cli.similarity", str(runs["student"]), str(runs["init"]), "--data", str(runs["data"]),
                "--images", "300", "--minibatch", "64", "--workers", "1", "--cache", str(tmp_path / f"f{ranks}"),
                "--out", str(tmp_path / f"sim{ranks}")]
         if ranks == 1:
-            result = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=600)
-        else:
-            import socket
+            return subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=600,
+                                  env=one_thread())
+        import socket
 
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            result = subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={port}",
-                                     *cmd], cwd=REPO, capture_output=True, text=True, timeout=600)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={port}", *cmd],
+                              cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread())
+
+    out = {}
+    for ranks, result in zip((1, 2), together(lambda: similarity(1), lambda: similarity(2))):  # side by side
         assert result.returncode == 0, result.stderr[-3000:]
         out[ranks] = json.loads((tmp_path / f"sim{ranks}" / "similarity.json").read_text())
     matrix = np.array(out[1]["matrix"])

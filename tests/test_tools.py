@@ -399,14 +399,16 @@ def sklearn_logistic_top1(train_x, train_y, val_x, val_y, held_out: float = 0.1)
 
     fit, held = held_out_split(train_y, held_out, 0)
     scaler = StandardScaler().fit(train_x[fit])
-
-    def fitted(c, rows):
-        return LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(train_x[rows]), train_y[rows])
-
-    best = max((0.01, 0.1, 1.0, 10.0, 100.0),
-               key=lambda c: (fitted(c, fit).predict(scaler.transform(train_x[held])) == train_y[held]).mean())
+    # the C path solved in order, each fit starting from the last one's solution (warm_start: the same optimum,
+    # the problem is strictly convex, in fewer iterations)
+    model, scores = LogisticRegression(max_iter=5000, warm_start=True), {}
+    for c in (0.01, 0.1, 1.0, 10.0, 100.0):
+        model.set_params(C=c).fit(scaler.transform(train_x[fit]), train_y[fit])
+        scores[c] = (model.predict(scaler.transform(train_x[held])) == train_y[held]).mean()
+    best = max(scores, key=scores.get)
     scaler = StandardScaler().fit(train_x)
-    return float((fitted(best, np.arange(len(train_y))).predict(scaler.transform(val_x)) == val_y).mean())
+    model.set_params(C=best).fit(scaler.transform(train_x), train_y)  # all of train, from the path's last solution
+    return float((model.predict(scaler.transform(val_x)) == val_y).mean())
 
 
 def test_the_linear_probe_with_its_defaults_converges_on_the_digits_and_sweeps_every_block(runs, tmp_path, capsys):
