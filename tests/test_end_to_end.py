@@ -189,15 +189,20 @@ def run_without_its_pretrained_file(tmp_path_factory):
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     os.rename(tmp / "init.pt", tmp / "elsewhere.pt")
-    return tmp, cmd
+    # what follows, side by side: the run resumed (to update 6) and rerun as another model, each in a copy
+    for name in ("resumed", "other"):
+        shutil.copytree(tmp / "run", tmp / name)
+    resume = [a.replace(f"checkpoint.save_dir={tmp / 'run'}", f"checkpoint.save_dir={tmp / 'resumed'}")
+              .replace("optimization.max_update=3", "optimization.max_update=6") for a in cmd]
+    other = [a.replace(f"checkpoint.save_dir={tmp / 'run'}", f"checkpoint.save_dir={tmp / 'other'}")
+             for a in cmd] + ["model.depth=2"]
+    resumed, rerun = together(lambda: run(resume, env=one_thread()), lambda: run(other, env=one_thread()))
+    return tmp, {"resumed": resumed, "other": rerun}
 
 
 def test_resume_needs_only_the_runs_own_checkpoint(run_without_its_pretrained_file):
-    tmp, cmd = run_without_its_pretrained_file
-    shutil.copytree(tmp / "run", tmp / "resumed")
-    cmd = [a.replace(f"checkpoint.save_dir={tmp / 'run'}", f"checkpoint.save_dir={tmp / 'resumed'}")
-           .replace("optimization.max_update=3", "optimization.max_update=6") for a in cmd]
-    result = run(cmd)
+    tmp, done = run_without_its_pretrained_file
+    result = done["resumed"]
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "model.pretrained_checkpoint is not read" in log and "Loaded checkpoint" in log
@@ -221,12 +226,9 @@ def test_export_needs_only_the_runs_checkpoint(run_without_its_pretrained_file):
     assert load_classifier(tmp / "export").classes == ["class_0", "class_1", "class_2"]
 
 
-def test_rerun_into_a_folder_of_another_models_run_stops_naming_it(run_without_its_pretrained_file, tmp_path):
-    tmp, cmd = run_without_its_pretrained_file
-    shutil.copytree(tmp / "run", tmp_path / "other")
-    cmd = [a.replace(f"checkpoint.save_dir={tmp / 'run'}", f"checkpoint.save_dir={tmp_path / 'other'}")
-           for a in cmd] + ["model.depth=2"]
-    result = run(cmd)
+def test_rerun_into_a_folder_of_another_models_run_stops_naming_it(run_without_its_pretrained_file):
+    _, done = run_without_its_pretrained_file
+    result = done["other"]
     assert result.returncode != 0
     line = exception_line(result.stderr)
     assert "checkpoint_last.pt holds a run of another model (model.depth=2 here, 5 there)" in line

@@ -55,7 +55,8 @@ RERUNS = [(6, "optimization.max_update=6 (it is at update 6)"), (100, "optimizat
 @pytest.fixture(scope="module")
 def after_the_run(finished_run):
     """What a user runs next, side by side: the finished run's command again (into copies of the run, with
-    max_update 6 and 100), a typo in an override, load_classifier in a Python session."""
+    max_update 6 and 100), a typo in an override, load_classifier in a Python session, a run from the parent
+    folder of a clone named d2v_plugin."""
     import shutil
 
     tmp, _ = finished_run
@@ -67,8 +68,22 @@ def after_the_run(finished_run):
     commands["typo"] = train_cmd(tmp, tmp / "images", tmp / "typo", f"+task.dta={tmp / 'images'}", "+model.dept=2")
     commands["session"] = [sys.executable, "-c", f"import d2v_plugin\nm = d2v_plugin.load_classifier("
                            f"{str(tmp / 'run' / 'checkpoint_best.pt')!r})\nprint(m.classes)"]
-    done = together(*(lambda c=c: run(c, env=one_thread()) for c in commands.values()))
-    return dict(zip(commands, done))
+    calls = {name: (lambda c=c: run(c, env=one_thread())) for name, c in commands.items()}
+    session = commands["session"]  # from the user's folder, not the repository
+    calls["session"] = lambda: subprocess.run(session, cwd=tmp, capture_output=True, text=True, timeout=120,
+                                              env=one_thread())
+    # and a clone named d2v_plugin seen from its parent folder
+    from d2v_plugin.demo_data import write_random_images
+
+    write_random_images(str(tmp / "few"), classes=3, per_class={"train": 4, "val": 2}, size=24)
+    parent = tmp / "parent"
+    parent.mkdir()
+    os.symlink(REPO, parent / "d2v_plugin")
+    cmd = train_cmd(tmp, tmp / "few", tmp / "from_parent", "dataset.num_workers=0", max_update=1)
+    cmd[cmd.index("--config-dir") + 1] = os.path.join(REPO, "config")
+    calls["parent"] = lambda: subprocess.run(cmd, cwd=parent, capture_output=True, text=True, timeout=600,
+                                             env=one_thread())
+    return dict(zip(calls, together(*calls.values())))
 
 
 def test_a_run_from_another_folder_with_the_printed_paths_works(finished_run):
@@ -223,20 +238,13 @@ def test_the_pace_is_said_once_from_the_measured_updates():
                          "remaining 997 updates to update 1000, 33 min")
 
 
-def test_a_run_from_the_repositorys_parent_folder_with_the_relative_user_dir_works(tmp_path):
+def test_a_run_from_the_repositorys_parent_folder_with_the_relative_user_dir_works(finished_run, after_the_run):
     """A clone named d2v_plugin seen from its parent: fairseq put the parent first on sys.path and imported the
     clone as an empty namespace package ('Could not infer task type'); make setup's path entry wins."""
-    from d2v_plugin.demo_data import write_random_images
-
-    write_random_images(str(tmp_path / "images"), classes=3, per_class={"train": 4, "val": 2}, size=24)
-    parent = tmp_path / "parent"
-    parent.mkdir()
-    os.symlink(REPO, parent / "d2v_plugin")
-    cmd = train_cmd(tmp_path, tmp_path / "images", tmp_path / "run", "dataset.num_workers=0", max_update=1)
-    cmd[cmd.index("--config-dir") + 1] = os.path.join(REPO, "config")
-    result = subprocess.run(cmd, cwd=parent, capture_output=True, text=True, timeout=600)
+    tmp, _ = finished_run
+    result = after_the_run["parent"]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoint_last.pt").is_file()
+    assert (tmp / "from_parent" / "checkpoint_last.pt").is_file()
 
 
 def test_the_readmes_demo_figures_say_what_they_were_measured_on_and_how_bf16_fares_on_a_cpu():
