@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import json_records, one_thread, run, together, train_cmd
-from d2v_plugin.cli.pack import pack
+from d2v_plugin.data.packing import pack
 from d2v_plugin.data import DataError, ImageFolderDataset, train_transform
 from d2v_plugin.data.containers import ParquetSplit, ShardSplit, open_split
 from d2v_plugin.data.index import FolderIndex

@@ -76,7 +76,7 @@ def run():
     import torch
 
     torch.set_num_threads(1)  # one worker process = one core
-    from d2v_plugin.cli.pack import pack
+    from d2v_plugin.data.packing import pack
     from d2v_plugin.cli.preresize import preresize
 
     out = {}

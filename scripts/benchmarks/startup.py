@@ -11,7 +11,7 @@ from benchmarks.common import RUNS, fmt, summary
 def run(n_classes: int = 1000, per_class: int = 100):
     from torchvision.datasets import ImageFolder
 
-    from d2v_plugin.cli.pack import pack
+    from d2v_plugin.data.packing import pack
     from d2v_plugin.data import index_split
     from d2v_plugin.data.containers import open_split
 
