@@ -15,6 +15,16 @@ from d2v_plugin.models.encoder import Data2Vec2ImageEncoder, EncoderConfig
 
 d2v_plugin.register()  # the task, model and criterion, as loading the plugin as fairseq's user dir does
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers share the cores: each worker's torch, and every process it starts, gets its share of
+    # threads (OpenMP threads that outnumber the cores spin against each other: the linear probe's test took
+    # 4x as long under 2 workers of 2 threads each on 2 cores)
+    from d2v_plugin.host import available_cores
+
+    _share = max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # the commands' default caches (folder index, feature stores) go under the session's own folder, not ~/.cache;
 # commands run as subprocesses inherit it
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="d2v_test_cache_")
@@ -175,27 +185,50 @@ def fairseq_train(data, init, save_dir, cache, *overrides, env=None):
     return save_dir
 
 
+def session_folder(tmp_path_factory):
+    """The folder the whole test run shares: under pytest-xdist (``make test`` runs the suite on several
+    workers) the parent of every worker's own folder, else the run's own folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Two real fairseq-hydra-train runs on scikit-learn's digits (16 px): a 2-block student cut from a 6-block
-    checkpoint by model.depth, and a 4-block one from `convert --depth 4`."""
-    root = tmp_path_factory.mktemp("tools")
-    data, cache = root / "digits", root / "cache"
+    checkpoint by model.depth, and a 4-block one from `convert --depth 4`. Built once per test run: the
+    first worker that needs them builds them while the others wait on the lock; the tests only read them."""
+    from filelock import FileLock
+
+    root = session_folder(tmp_path_factory) / "tools"
+    data, cache, init, student = root / "digits", root / "cache", root / "teacher.pt", root / "student4.pt"
+    built = root / "built.json"
+    with FileLock(str(root) + ".lock"):
+        if not built.exists():
+            built.write_text(json.dumps({"convert_stdout": _build_runs(root, data, cache, init, student)}))
+    return {"data": data, "init": init, "student": student,
+            "convert_stdout": json.loads(built.read_text())["convert_stdout"], "depth2": root / "depth2",
+            "depth4": root / "depth4", "root": root, "cache": cache}
+
+
+def _build_runs(root, data, cache, init, student) -> str:
+    """The two runs (and their data, teacher and converted student) under ``root``; convert's stdout."""
+    if root.exists():  # a build that died half-way (the lock is free again): start over
+        import shutil
+
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
     write_digits(str(data), image_size=16)
     torch.manual_seed(0)
     teacher = Data2Vec2ImageEncoder(EncoderConfig(embed_dim=64, depth=6, num_heads=4, patch_size=4, image_size=16))
-    init = root / "teacher.pt"
     save_data2vec_checkpoint(teacher, str(init), prenet_depth=2)
-    student = root / "student4.pt"
 
     def converted_then_trained():
         out = subprocess.run([sys.executable, "-m", "d2v_plugin.cli.convert", str(init), "--out", str(student),
                               "--depth", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
-        return out, fairseq_train(data, student, root / "depth4", cache, env=one_thread())
+        fairseq_train(data, student, root / "depth4", cache, env=one_thread())
+        return out.stdout
 
     # the two runs side by side, one thread each (the folder index they share is written atomically)
-    depth2, (out, depth4) = together(lambda: fairseq_train(data, init, root / "depth2", cache, "model.depth=2",
-                                                           env=one_thread()), converted_then_trained)
-    return {"data": data, "init": init, "student": student, "convert_stdout": out.stdout, "depth2": depth2,
-            "depth4": depth4, "root": root, "cache": cache}
+    return together(lambda: fairseq_train(data, init, root / "depth2", cache, "model.depth=2", env=one_thread()),
+                    converted_then_trained)[1]

@@ -75,8 +75,9 @@ def test_the_evaluation_section_measures_ours_the_plain_loop_the_search_and_the_
     scale = ev.knn_scale(str(tmp_path / "scale"), n=5000, dim=32, queries=100, sklearn_subset=2000, sklearn_queries=50)
     assert scale["ours"]["k"] == 20 and scale["ours"]["peak_rss_mib"] > 0
     assert scale["ours"]["peak_allocated_mib"] > 0 and scale["ours"]["peak_file_pages_mib"] > 0  # Linux's /proc
-    probes = ev.probe_costs(n_train=300, n_val=50, dim=16, classes=5)
-    assert len(probes["seconds"]) == 3
+    probes = ev.probe_costs(n_train=300, n_val=50, dim=16, classes=5, linear_steps_timed=20)
+    assert len(probes["seconds"]) == 3  # the linear probe's row says what was timed and the schedule it projects to
+    assert "linear (26 heads, 12,500 steps at batch 1,024: 20 timed, x 625)" in probes["seconds"]
     lines = ev.report({"evaluation": {"evaluate": rates, "knn_vs_sklearn": search, "knn_scale": scale,
                                       "probes": probes}})
     assert lines[0] == "## Evaluation (CPU, fp32)" and any("queries/s" in line for line in lines)
