@@ -25,11 +25,12 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# the suite on TEST_WORKERS pytest-xdist workers, a test file to a worker (its module fixtures built once);
-# the 15 slowest tests listed at the end, so that growth is seen when it happens
+# the suite on TEST_WORKERS pytest-xdist workers, a test file to a worker (its module fixtures built once), the
+# costliest files first (tests/conftest.py: HEAVY_FIRST); the 15 slowest tests listed at the end, so that
+# growth is seen when it happens
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests --durations=15
 
 demo: setup
 	$(PY) scripts/demo.py

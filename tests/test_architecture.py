@@ -117,3 +117,12 @@ def test_no_module_imports_from_a_layer_below_it():
                 if layer_of(other, table) > mine:
                     upward.append(f"d2v_plugin/{me}.py (layer {mine}) imports {other} (layer {layer_of(other, table)})")
     assert upward == [], "\n".join(upward)
+
+
+def test_the_suites_heaviest_first_order_names_test_files_that_exist():
+    """A renamed test file would drop out of the order silently and run last again."""
+    from conftest import HEAVY_FIRST
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    assert [name for name in HEAVY_FIRST if not os.path.isfile(os.path.join(tests, name))] == []
+    assert len(set(HEAVY_FIRST)) == len(HEAVY_FIRST)
