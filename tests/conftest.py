@@ -131,6 +131,15 @@ def together(*calls):
         return [f.result() for f in futures]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now, for a run's rendezvous (runs side by side each take their own)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd, env=None, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kw)

@@ -4,7 +4,6 @@ leave the signals to the training process; a run stopped on 2 ranks continues it
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from fairseq.data import iterators
 
-from conftest import REPO, VENV_BIN, json_records, max_diff, one_thread, run, together, train_cmd, weights
+from conftest import REPO, VENV_BIN, free_port, json_records, max_diff, one_thread, run, together, train_cmd, weights
 from d2v_plugin import cluster
 from d2v_plugin.data import ImageFolderDataset, index_split, train_transform
 from d2v_plugin.demo_data import write_random_images
@@ -182,12 +181,6 @@ RUN = ["model.drop_path_rate=0.1", "criterion.mixup_prob=1.0", "dataset.num_work
 CPU_DDP = ["common.cpu=true", "distributed_training.distributed_world_size=2",
            "distributed_training.distributed_no_spawn=true", "distributed_training.device_id=0",
            "distributed_training.distributed_backend=gloo", "distributed_training.ddp_backend=legacy_ddp"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cmd(tmp, save_dir, *overrides, launcher=()):

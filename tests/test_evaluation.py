@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, VENV_BIN, one_thread, run, tiny_encoder, together, train_cmd
+from conftest import REPO, VENV_BIN, free_port, one_thread, run, tiny_encoder, together, train_cmd
 from d2v_plugin.demo_data import write_random_images
 from d2v_plugin.evaluation import features as features_module
 from d2v_plugin.evaluation.knn import knn_probe, nearest
@@ -36,14 +36,6 @@ def tiny(tmp_path_factory):
 def torchrun(*args, port):
     return subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m",
                            *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 STRIP = ("seconds", "images_per_s", "ranks", "search_s", "extract_s", "features_in", "per_class_dir", "provenance")

@@ -83,7 +83,7 @@ def test_a_student_of_its_teachers_first_4_blocks_matches_them_and_two_ranks_giv
     import subprocess
     import sys
 
-    from conftest import REPO, VENV_BIN, one_thread, together
+    from conftest import REPO, VENV_BIN, free_port, one_thread, together
 
     def similarity(ranks):
         cmd = ["-m", "d2v_plugin.cli.similarity", str(runs["student"]), str(runs["init"]), "--data", str(runs["data"]),
@@ -92,12 +92,8 @@ def test_a_student_of_its_teachers_first_4_blocks_matches_them_and_two_ranks_giv
         if ranks == 1:
             return subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=600,
                                   env=one_thread())
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={port}", *cmd],
+        launcher = [os.path.join(VENV_BIN, "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
+        return subprocess.run([*launcher, *cmd],
                               cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread())
 
     out = {}

@@ -136,7 +136,7 @@ def test_a_frozen_encoder_keeps_no_activations_runs_in_eval_mode_and_stays_out_o
 
 import os  # noqa: E402
 
-from conftest import REPO, VENV_BIN, max_diff, one_thread, run, together, weights  # noqa: E402
+from conftest import REPO, VENV_BIN, free_port, max_diff, one_thread, run, together, weights  # noqa: E402
 
 
 def probe_cmd(root, save_dir, recipe="linear_probe_imagenet", *overrides, init=None, data=None, image_size=24,
@@ -212,7 +212,7 @@ def test_a_probe_run_leaves_the_encoder_as_pretrained_and_optimizes_the_head_onl
 def test_a_killed_probe_run_resumes_to_the_same_weights_and_two_ranks_match_one_with_update_freq_2(tiny, tmp_path):
     import subprocess
 
-    from test_cluster import CPU_DDP, free_port
+    from test_cluster import CPU_DDP
     from test_reliability import kill_after_saving
 
     extra = ["optimization.lr=[0.5]", "checkpoint.save_interval_updates=2", "dataset.batch_size=2",
